@@ -1,0 +1,3 @@
+from eventsync.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,314 @@
+"""The event model, and the parsing of DynamoDB items into events.
+
+Items arrive in DynamoDB's typed form (`{"title": {"S": "Standup"}}`), as the
+low-level client returns them. Parsing the typed form directly is cheaper than
+deserializing every item first, and it lets an error name the type it found.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, tzinfo
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from eventsync.encoding import encode_json, envelope_size, format_utc
+from eventsync.errors import InvalidItemError
+from eventsync.topics import TopicTemplate, target_problem, topic_problem
+
+JsonValue = None | bool | int | float | str | list["JsonValue"] | dict[str, "JsonValue"]
+
+MAX_EVENT_ID_LENGTH = 128
+# The range that `YYYY-MM-DDTHH:MM:SSZ` can show: 1970-01-01 up to 9999-12-31.
+MIN_EPOCH_SECONDS = 0
+MAX_EPOCH_SECONDS = 253_402_300_799
+# DynamoDB nests maps and lists 32 levels deep at most.
+MAX_DATA_DEPTH = 32
+_MAX_TIME_TEXT_LENGTH = 64
+_TYPE_NAMES = {
+    "S": "String",
+    "N": "Number",
+    "B": "Binary",
+    "BOOL": "Boolean",
+    "NULL": "Null",
+    "M": "Map",
+    "L": "List",
+    "SS": "String Set",
+    "NS": "Number Set",
+    "BS": "Binary Set",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One valid event of one target, with times in whole epoch seconds (UTC)."""
+
+    target: str
+    event_id: str
+    starts_at: int
+    ends_at: int
+    expires_at: float | None
+    # The event's compact JSON as it appears in a payload's `events` list.
+    encoded: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ItemRules:
+    """What an item is checked against besides its own fields."""
+
+    timezone: tzinfo
+    topic_template: TopicTemplate
+    max_payload_bytes: int
+
+
+def parse_item(item: Mapping[str, Any], rules: ItemRules) -> Event:
+    """Check one DynamoDB item against the item rules and build its event.
+
+    Raises InvalidItemError naming the item and the first rule it breaks.
+    """
+    target = _key_text(item, "target")
+    event_id = _key_text(item, "event_id")
+
+    def invalid(reason: str) -> InvalidItemError:
+        return InvalidItemError(target, event_id, reason)
+
+    problem = target_problem(target)
+    if problem is not None:
+        raise invalid(problem)
+    problem = topic_problem(rules.topic_template.render(target))
+    if problem is not None:
+        raise invalid(problem)
+    if not 1 <= len(event_id) <= MAX_EVENT_ID_LENGTH:
+        raise invalid(
+            f"event_id must be 1 to {MAX_EVENT_ID_LENGTH} characters, got {len(event_id)}"
+        )
+
+    try:
+        title = _string(item, "title")
+        if title is None:
+            raise ValueError("title is missing")
+        if not title.strip():
+            raise ValueError("title is empty")
+        starts_at = _instant(item, "starts_at", rules.timezone)
+        ends_at = _instant(item, "ends_at", rules.timezone)
+        if ends_at <= starts_at:
+            raise ValueError(
+                f"ends_at {format_utc(ends_at)} is not after starts_at {format_utc(starts_at)}"
+            )
+        description = _string(item, "description")
+        location = _string(item, "location")
+        data = _data(item)
+        expires_at = _expires_at(item)
+    except ValueError as exc:
+        raise invalid(str(exc)) from None
+
+    fields: dict[str, JsonValue] = {
+        "id": event_id,
+        "title": title,
+        "starts_at": format_utc(starts_at),
+        "ends_at": format_utc(ends_at),
+    }
+    if description is not None:
+        fields["description"] = description
+    if location is not None:
+        fields["location"] = location
+    if data is not None:
+        fields["data"] = data
+    try:
+        encoded = encode_json(fields)
+    except UnicodeEncodeError:
+        # A lone surrogate (from a `\ud800` escape) cannot be written as UTF-8.
+        raise invalid("a text field is not valid Unicode") from None
+
+    room = rules.max_payload_bytes - envelope_size(target)
+    if len(encoded) > room:
+        raise invalid(
+            f"event is {len(encoded)} bytes as JSON, more than the {room} bytes "
+            f"a payload of at most {rules.max_payload_bytes} bytes leaves for it"
+        )
+    return Event(target, event_id, starts_at, ends_at, expires_at, encoded)
+
+
+def _key_text(item: Mapping[str, Any], name: str) -> str:
+    """Return a key attribute as text, even when it is missing or mistyped.
+
+    The text names the item in the warning, so a broken key must not stop the
+    warning from being written.
+    """
+    attribute = item.get(name)
+    if isinstance(attribute, Mapping) and isinstance(attribute.get("S"), str):
+        return str(attribute["S"])
+    other_target = item.get("target") if name == "event_id" else item.get("event_id")
+    other = _shown(other_target)
+    if attribute is None:
+        found = "missing"
+    else:
+        found = f"a {_type_name(attribute)}, not a String"
+    message = f"{name} is {found}"
+    if name == "target":
+        raise InvalidItemError("?", other, message)
+    raise InvalidItemError(_shown(item.get("target")), "?", message)
+
+
+def _shown(attribute: Any) -> str:
+    if isinstance(attribute, Mapping) and isinstance(attribute.get("S"), str):
+        return str(attribute["S"])
+    return "?"
+
+
+def _typed(attribute: Any) -> tuple[str, Any]:
+    """Split a typed value such as `{"S": "x"}` into its type code and value."""
+    if isinstance(attribute, Mapping) and len(attribute) == 1:
+        ((code, value),) = attribute.items()
+        return str(code), value
+    return "", None
+
+
+def _type_name(attribute: Any) -> str:
+    code, _ = _typed(attribute)
+    if not code:
+        return "malformed attribute"
+    return _TYPE_NAMES.get(code, f"attribute of type {code!r}")
+
+
+def _string(item: Mapping[str, Any], name: str) -> str | None:
+    attribute = item.get(name)
+    if attribute is None:
+        return None
+    code, value = _typed(attribute)
+    if code == "S" and isinstance(value, str):
+        return value
+    raise ValueError(f"{name} must be a String, got a {_type_name(attribute)}")
+
+
+def _instant(item: Mapping[str, Any], name: str, zone: tzinfo) -> int:
+    """Read an ISO 8601 String or a Number of epoch seconds as whole epoch seconds."""
+    attribute = item.get(name)
+    if attribute is None:
+        raise ValueError(f"{name} is missing")
+    code, value = _typed(attribute)
+    if code == "N":
+        seconds = _number(value, name)
+    elif code == "S" and isinstance(value, str):
+        seconds = _iso_seconds(value, name, zone)
+    else:
+        raise ValueError(
+            f"{name} must be an ISO 8601 String or a Number of epoch seconds, "
+            f"got a {_type_name(attribute)}"
+        )
+    whole = math.floor(seconds)
+    if not MIN_EPOCH_SECONDS <= whole <= MAX_EPOCH_SECONDS:
+        raise ValueError(f"{name} {seconds} is outside the years 1970 to 9999")
+    return whole
+
+
+def _iso_seconds(text: str, name: str, zone: tzinfo) -> float:
+    if len(text) > _MAX_TIME_TEXT_LENGTH:
+        raise ValueError(f"{name} is not an ISO 8601 time: {len(text)} characters long")
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{name} is not an ISO 8601 time: {text!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=zone)
+    try:
+        return moment.timestamp()
+    except (OverflowError, ValueError):
+        raise ValueError(f"{name} {text!r} is outside the years 1970 to 9999") from None
+
+
+def _number(text: Any, name: str) -> float:
+    if not isinstance(text, str):
+        raise ValueError(f"{name} is a malformed Number")
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise ValueError(f"{name} is not a number: {text[:40]!r}") from None
+    if not value.is_finite():
+        raise ValueError(f"{name} is not a finite number: {text[:40]!r}")
+    if not MIN_EPOCH_SECONDS <= value <= MAX_EPOCH_SECONDS + 1:
+        raise ValueError(f"{name} {text[:40]} is outside the years 1970 to 9999")
+    return float(value)
+
+
+def _expires_at(item: Mapping[str, Any]) -> float | None:
+    attribute = item.get("expires_at")
+    if attribute is None:
+        return None
+    code, value = _typed(attribute)
+    if code != "N" or not isinstance(value, str):
+        raise ValueError(
+            f"expires_at must be a Number of epoch seconds, got a {_type_name(attribute)}"
+        )
+    try:
+        seconds = Decimal(value)
+    except InvalidOperation:
+        raise ValueError(f"expires_at is not a number: {value[:40]!r}") from None
+    if not seconds.is_finite():
+        raise ValueError("expires_at is not a finite number")
+    return float(seconds)
+
+
+def _data(item: Mapping[str, Any]) -> dict[str, JsonValue] | None:
+    attribute = item.get("data")
+    if attribute is None:
+        return None
+    code, _ = _typed(attribute)
+    if code != "M":
+        raise ValueError(f"data must be a Map, got a {_type_name(attribute)}")
+    value = _json_value(attribute, "data", 1)
+    assert isinstance(value, dict)
+    return value
+
+
+def _json_value(attribute: Any, path: str, depth: int) -> JsonValue:
+    """Convert a typed DynamoDB value into plain JSON, with map keys sorted.
+
+    Sorted keys keep a payload byte-for-byte the same whatever order DynamoDB
+    returns map entries in.
+    """
+    if depth > MAX_DATA_DEPTH:
+        raise ValueError(f"{path} is nested more than {MAX_DATA_DEPTH} levels deep")
+    code, value = _typed(attribute)
+    if code == "S" and isinstance(value, str):
+        return value
+    if code == "N" and isinstance(value, str):
+        return _json_number(value, path)
+    if code == "BOOL" and isinstance(value, bool):
+        return value
+    if code == "NULL":
+        return None
+    if code == "M" and isinstance(value, Mapping):
+        return {
+            str(key): _json_value(value[key], f"{path}.{key}", depth + 1)
+            for key in sorted(value)
+        }
+    if code == "L" and isinstance(value, list):
+        return [
+            _json_value(element, f"{path}[{index}]", depth + 1)
+            for index, element in enumerate(value)
+        ]
+    raise ValueError(f"{path} is a {_type_name(attribute)}, which JSON cannot carry")
+
+
+def _json_number(text: str, path: str) -> int | float:
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise ValueError(f"{path} is not a number: {text[:40]!r}") from None
+    if not value.is_finite():
+        raise ValueError(f"{path} is not a finite number")
+    if (
+        value == value.to_integral_value()
+        and "e" not in text.lower()
+        and "." not in text
+    ):
+        return int(value)
+    # NOTE: a Number with more than 17 significant digits loses precision here,
+    # because JSON readers on devices parse fractions as IEEE 754 doubles anyway.
+    result = float(value)
+    if not math.isfinite(result):
+        raise ValueError(f"{path} is too large for JSON")
+    return result
