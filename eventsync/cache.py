@@ -34,6 +34,15 @@ class PublishedCache:
         entry = self._entries.get(topic)
         return entry is not None and entry.digest == digest
 
+    def dirty_count(self) -> int:
+        """Return how many topics wait for a publish that the broker acknowledges."""
+        return sum(1 for entry in self._entries.values() if entry.digest is None)
+
+    def digest(self, topic: str) -> bytes | None:
+        """Return the acknowledged digest of a topic, or None when it is unknown."""
+        entry = self._entries.get(topic)
+        return None if entry is None else entry.digest
+
     def topics(self) -> dict[str, str]:
         """Return topic -> target for every topic the cache tracks."""
         return {topic: entry.target for topic, entry in self._entries.items()}

@@ -159,13 +159,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         if arguments.command in ("run", "sync") and not getattr(
             arguments, "dry_run", False
         ):
-            check_certificate_files(settings.mqtt)
+            _check_tls_setup(settings)
         return asyncio.run(_dispatch(arguments, settings))
     except ConfigError as exc:
         print(f"eventsync: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
+
+
+def _check_tls_setup(settings: Settings) -> None:
+    """Stop on unusable certificate files, and warn on risky TLS settings."""
+    for warning in check_certificate_files(settings.mqtt):
+        log.warning("certificate_warning", warning=warning)
+    if settings.mqtt.insecure_skip_hostname_verification:
+        log.warning(
+            "insecure_tls",
+            setting="mqtt.insecure_skip_hostname_verification",
+            warning="the broker certificate's host name is not checked; "
+            "use this with development brokers only",
+        )
 
 
 async def _dispatch(arguments: argparse.Namespace, settings: Settings) -> int:

@@ -125,6 +125,10 @@ class MqttSettings(_Section):
     # lose them (mosquitto without persistence, restarted) needs every topic
     # published again after a reconnect.
     republish_after_reconnect: bool = False
+    # For development brokers whose certificate names another host. The chain
+    # is still verified; only the host name check is off, and every start logs
+    # a warning while it is.
+    insecure_skip_hostname_verification: bool = False
 
     @field_validator("topic_template")
     @classmethod
@@ -352,10 +356,13 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
     return settings.model_copy(update={"mqtt": mqtt, "health": health})
 
 
-def check_certificate_files(mqtt: MqttSettings) -> None:
+def check_certificate_files(mqtt: MqttSettings, now: float | None = None) -> list[str]:
     """Load the CA, certificate and key once, so that a bad file stops start-up.
 
-    Raises ConfigError naming the setting, the file and what is wrong with it.
+    Raises ConfigError naming the setting, the file and what is wrong with it:
+    missing, unreadable, not PEM, a key that does not match the certificate, or
+    a client certificate outside its validity period. Returns warnings that do
+    not stop start-up, such as a private key that other users can read.
     """
     for setting, path in (
         ("mqtt.ca_file", mqtt.ca_file),
@@ -378,9 +385,21 @@ def check_certificate_files(mqtt: MqttSettings) -> None:
                 f"invalid setting {setting}: file {str(path)!r} cannot be read: {exc.strerror}"
             ) from None
 
-    from eventsync.tls import build_ssl_context
+    from eventsync.tls import build_ssl_context, certificate_validity_problem
 
     try:
         build_ssl_context(mqtt)
     except ssl.SSLError as exc:
         raise ConfigError(f"invalid TLS files: {exc}") from None
+    problem = certificate_validity_problem(mqtt.cert_file, now)
+    if problem is not None:
+        raise ConfigError(f"invalid setting mqtt.cert_file: {problem}")
+
+    warnings = []
+    mode = mqtt.key_file.stat().st_mode & 0o777
+    if mode & 0o077:
+        warnings.append(
+            f"private key {str(mqtt.key_file)!r} is readable by other users "
+            f"(mode {mode:o}); restrict it with chmod 600"
+        )
+    return warnings

@@ -23,8 +23,16 @@ log = get_logger("eventsync.mqtt")
 # A connection that lasted this long counts as stable, and the backoff starts
 # again from its minimum after it drops.
 STABLE_CONNECTION_SECONDS = 60.0
+# A connection that drops this soon after it opened, with nothing in flight,
+# counts as short-lived; several in a row point at another client with our id.
+SHORT_CONNECTION_SECONDS = 30.0
+CLIENT_ID_CONFLICT_DROPS = 3
+# paho keeps every publish that never got a PUBACK until the connection closes,
+# so after this many the connection is replaced to free them.
+MAX_UNACKNOWLEDGED_PER_CONNECTION = 1000
 NOT_CONNECTED = "not connected to the MQTT broker"
 CONNECTION_LOST = "connection lost before PUBACK"
+PUBACK_TIMEOUT = "timed out waiting for PUBACK"
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,14 +78,24 @@ def backoff_seconds(failures: int, minimum: float, maximum: float) -> float:
     return delay * random.uniform(0.5, 1.0)
 
 
-def describe_mqtt_error(error: BaseException) -> str:
+def describe_mqtt_error(error: BaseException, waiting_for: str = "PUBACK") -> str:
+    """Describe an aiomqtt error in one line; aiomqtt's timeouts name no operation."""
     cause = error.__cause__
     text = str(error)
     if cause is not None and str(cause) and str(cause) not in text:
         text = f"{text}: {cause}"
     if text == "Operation timed out":
-        return "timed out waiting for PUBACK"
+        return f"timed out waiting for {waiting_for}"
     return text or type(error).__name__
+
+
+@dataclass(frozen=True, slots=True)
+class _ConnectionEnd:
+    connected_seconds: float  # 0 when the connection never came up
+    reason: str
+    # True when eventsync closed it: shutdown, or replacing a clogged connection.
+    closed_by_us: bool
+    publishes_in_flight: int
 
 
 class MqttConnection:
@@ -98,6 +116,10 @@ class MqttConnection:
         self._pacer = RatePacer(settings.max_publish_rate)
         # Connections opened so far; a change tells a caller that it reconnected.
         self.connection_count = 0
+        # Called after each successful connect, for example to retry dirty topics.
+        self.on_connected: Callable[[], None] | None = None
+        self._replace = asyncio.Event()
+        self._unacknowledged = 0
         self._library_logger = logging.getLogger("mqtt")
 
     async def __aenter__(self) -> Self:
@@ -156,7 +178,13 @@ class MqttConnection:
                 on_result(message, CONNECTION_LOST)
                 return
             error = task.exception()
-            on_result(message, None if error is None else describe_mqtt_error(error))
+            if error is None:
+                on_result(message, None)
+                return
+            description = describe_mqtt_error(error)
+            if description == PUBACK_TIMEOUT:
+                self._count_unacknowledged()
+            on_result(message, description)
 
         try:
             for message in messages:
@@ -186,14 +214,21 @@ class MqttConnection:
                 task.cancel()
             raise
 
+    def _count_unacknowledged(self) -> None:
+        self._unacknowledged += 1
+        if self._unacknowledged == MAX_UNACKNOWLEDGED_PER_CONNECTION:
+            self._replace.set()
+
     async def _maintain(self) -> None:
         failures = 0
+        short_drops = 0
         while not self._stopping.is_set():
             attempt = failures + 1
-            connected_seconds, reason = await self._connect_once(attempt)
+            end = await self._connect_once(attempt)
             if self._stopping.is_set():
                 return
-            if connected_seconds >= STABLE_CONNECTION_SECONDS:
+            short_drops = self._check_client_id_conflict(end, short_drops)
+            if end.connected_seconds >= STABLE_CONNECTION_SECONDS or end.closed_by_us:
                 failures = 0
             failures += 1
             delay = backoff_seconds(
@@ -205,19 +240,38 @@ class MqttConnection:
                 "mqtt_reconnecting",
                 attempt=failures + 1,
                 delay_seconds=round(delay, 2),
-                reason=reason,
+                reason=end.reason,
             )
             try:
                 await asyncio.wait_for(self._stopping.wait(), delay)
             except TimeoutError:
                 continue
 
-    async def _connect_once(self, attempt: int) -> tuple[float, str]:
-        """Connect, stay connected until the link drops or we stop, and disconnect.
+    def _check_client_id_conflict(self, end: _ConnectionEnd, short_drops: int) -> int:
+        """Count short-lived idle connections and report a likely client id clash.
 
-        Returns how long the connection was up (0 when it never came up) and the
-        reason it ended.
+        AWS IoT Core, like any MQTT broker, drops the older of two connections
+        with the same client id, so two processes with one id take turns
+        dropping each other right after they connect.
         """
+        if end.connected_seconds <= 0 or end.closed_by_us or end.publishes_in_flight:
+            return short_drops
+        if end.connected_seconds >= SHORT_CONNECTION_SECONDS:
+            return 0
+        short_drops += 1
+        if short_drops >= CLIENT_ID_CONFLICT_DROPS:
+            log.error(
+                "mqtt_client_id_conflict",
+                client_id=self._settings.client_id,
+                drops=short_drops,
+                reason=f"the connection dropped {short_drops} times in a row within "
+                f"{SHORT_CONNECTION_SECONDS:g} s of connecting; another client probably "
+                "uses the same client id, and the broker drops the older connection",
+            )
+        return short_drops
+
+    async def _connect_once(self, attempt: int) -> _ConnectionEnd:
+        """Connect, stay connected until the link drops or we stop, and disconnect."""
         settings = self._settings
         loop = asyncio.get_running_loop()
         connected_at: float | None = None
@@ -242,6 +296,8 @@ class MqttConnection:
             async with client:
                 connected_at = loop.time()
                 self.connection_count += 1
+                self._unacknowledged = 0
+                self._replace.clear()
                 self._client = client
                 self._connected.set()
                 log.info(
@@ -251,14 +307,26 @@ class MqttConnection:
                     client_id=settings.client_id,
                     attempt=attempt,
                 )
+                if self.on_connected is not None:
+                    self.on_connected()
                 reason = await self._wait_until_closed(client)
         except aiomqtt.MqttError as exc:
-            reason = describe_mqtt_error(exc)
+            if connected_at is None:
+                # Under TLS 1.3 a broker that rejects the client certificate
+                # closes the connection after the handshake, and aiomqtt 2.5
+                # reports that only as a CONNACK timeout.
+                reason = describe_mqtt_error(
+                    exc,
+                    "CONNACK (the broker may have rejected the client certificate or id)",
+                )
+            else:
+                reason = describe_mqtt_error(exc)
         except (ssl.SSLError, OSError) as exc:
             reason = f"TLS setup failed: {exc}"
         finally:
             self._client = None
             self._connected.clear()
+            publishes_in_flight = len(self._in_flight)
             for task in list(self._in_flight):
                 task.cancel()
 
@@ -270,28 +338,39 @@ class MqttConnection:
                 attempt=attempt,
                 error=reason,
             )
-            return 0.0, reason
+            return _ConnectionEnd(0.0, reason, False, 0)
         connected_seconds = loop.time() - connected_at
+        closed_by_us = self._stopping.is_set() or self._replace.is_set()
         log.log(
-            logging.INFO if self._stopping.is_set() else logging.WARNING,
+            logging.INFO if closed_by_us else logging.WARNING,
             "mqtt_disconnected",
             reason=reason,
             connected_seconds=round(connected_seconds, 3),
+            publishes_in_flight=publishes_in_flight,
         )
-        return connected_seconds, reason
+        return _ConnectionEnd(
+            connected_seconds, reason, closed_by_us, publishes_in_flight
+        )
 
     async def _wait_until_closed(self, client: aiomqtt.Client) -> str:
-        """Wait until the connection drops (raising MqttError) or we stop."""
+        """Wait until the connection drops (raising MqttError), must be replaced, or we stop."""
         watch = asyncio.create_task(_drain(client), name="mqtt-watch")
         stop = asyncio.create_task(self._stopping.wait(), name="mqtt-stop")
+        replace = asyncio.create_task(self._replace.wait(), name="mqtt-replace")
+        tasks = (watch, stop, replace)
         try:
-            await asyncio.wait({watch, stop}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (watch, stop):
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(watch, stop, return_exceptions=True)
-        if not stop.cancelled() and stop.done() and self._stopping.is_set():
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._stopping.is_set():
             return "shutdown"
+        if self._replace.is_set():
+            return (
+                f"replacing the connection: {self._unacknowledged} publishes got no "
+                "PUBACK, and paho keeps each of them until the connection closes"
+            )
         if not watch.cancelled() and watch.exception() is not None:
             error = watch.exception()
             assert error is not None

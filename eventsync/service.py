@@ -24,6 +24,22 @@ log = get_logger("eventsync.service")
 _HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+def runtime_stats() -> dict[str, int]:
+    """Return task, open file and memory counts, for spotting leaks in long runs.
+
+    The file and memory counts come from /proc and are left out elsewhere.
+    """
+    stats = {"tasks": len(asyncio.all_tasks())}
+    try:
+        stats["open_files"] = len(os.listdir("/proc/self/fd"))
+        with open("/proc/self/statm") as statm:  # noqa: PTH123
+            resident_pages = int(statm.read().split()[1])
+        stats["rss_bytes"] = resident_pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        pass
+    return stats
+
+
 def describe_schedule(settings: Settings) -> str:
     if settings.sync.cron is not None:
         return f"cron {settings.sync.cron!r} ({settings.sync.timezone})"
@@ -40,6 +56,7 @@ class Daemon:
         self._syncer: Syncer | None = None
         self._sync_task: asyncio.Task[None] | None = None
         self._sync_started_at = 0.0
+        self._background: set[asyncio.Task[None]] = set()
 
     async def run(self) -> int:
         """Run until a signal asks to stop; return the exit status."""
@@ -66,6 +83,7 @@ class Daemon:
                     MqttConnection(settings.mqtt)
                 )
                 self._syncer = Syncer(settings, store, connection)
+                connection.on_connected = self._on_connected
                 scheduler = SyncScheduler(
                     build_trigger(
                         settings.sync.interval_seconds,
@@ -101,6 +119,16 @@ class Daemon:
         # with the status a shell reports for a process killed by that signal.
         os._exit(128 + signum)
 
+    def _on_connected(self) -> None:
+        """Retry the topics a dropped connection left dirty without waiting for the schedule."""
+        if self._syncer is None or self._syncer.cache.dirty_count() == 0:
+            return
+        if self._sync_task is not None and not self._sync_task.done():
+            return
+        task = asyncio.create_task(self._fire(), name="sync-after-reconnect")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def _fire(self) -> None:
         """Start a sync unless one is still running; APScheduler calls this."""
         if self._stop.is_set():
@@ -122,6 +150,7 @@ class Daemon:
             # The daemon must outlive a bug in one sync; the next one starts afresh.
             log.exception("sync_failed", error=f"{type(exc).__name__}: {exc}")
             return
+        log.debug("runtime_stats", **runtime_stats())
         heartbeat = self._settings.health.heartbeat_file
         if heartbeat is not None:
             try:

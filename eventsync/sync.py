@@ -19,7 +19,8 @@ from eventsync.payloads import (
     build_vanished_payload,
     payload_digest,
 )
-from eventsync.publisher import MqttConnection, OutgoingMessage
+from eventsync.publisher import CONNECTION_LOST, MqttConnection, OutgoingMessage
+from eventsync.quarantine import TopicQuarantine
 from eventsync.store import EventStore
 
 log = get_logger("eventsync.sync")
@@ -47,12 +48,15 @@ class SyncReport:
     published: int = 0
     unchanged: int = 0
     failed: int = 0
+    # Changed topics held back because publishing them dropped the connection.
+    quarantined: int = 0
     truncated: int = 0
     failures: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return self.failed == 0
+        """Whether every changed topic was acknowledged."""
+        return self.failed == 0 and self.quarantined == 0
 
 
 def item_rules(settings: Settings) -> ItemRules:
@@ -116,6 +120,7 @@ class Syncer:
         self._payload_rules = payload_rules(settings)
         self._template = settings.mqtt.template
         self._connection_count = 0
+        self._quarantine = TopicQuarantine()
 
     @property
     def cache(self) -> PublishedCache:
@@ -179,6 +184,7 @@ class Syncer:
             published=report.published,
             unchanged=report.unchanged,
             failed=report.failed,
+            quarantined=report.quarantined,
             truncated=report.truncated,
         )
         return report
@@ -203,7 +209,22 @@ class Syncer:
                 f"not connected to the MQTT broker; {len(changed)} changed topics stay dirty"
             )
 
+        # Topics under suspicion of dropping the connection go last, one at a
+        # time, so that they cannot fail the others; held-back ones wait.
+        moment = time.monotonic()
+        regular: list[Payload] = []
+        suspects: list[Payload] = []
+        for payload in changed:
+            if self._quarantine.is_held(payload.topic, moment):
+                report.quarantined += 1
+                self._cache.failed(payload.topic, payload.target)
+            elif self._quarantine.is_suspect(payload.topic):
+                suspects.append(payload)
+            else:
+                regular.append(payload)
+
         by_topic = {payload.topic: payload for payload in changed}
+        lost_in_flight: list[str] = []
 
         def on_result(message: OutgoingMessage, error: str | None) -> None:
             payload = by_topic[message.topic]
@@ -211,8 +232,11 @@ class Syncer:
                 report.failed += 1
                 report.failures[payload.topic] = error
                 self._cache.failed(payload.topic, payload.target)
+                if error == CONNECTION_LOST:
+                    lost_in_flight.append(payload.topic)
                 return
             report.published += 1
+            self._quarantine.acknowledged(payload.topic)
             if payload.vanished:
                 # The final payload of a vanished target is on the broker, so
                 # the topic need not be tracked (or published) again.
@@ -222,8 +246,26 @@ class Syncer:
                     payload.topic, payload.target, payload_digest(message.body)
                 )
 
-        messages = (OutgoingMessage(payload.topic, payload.body) for payload in changed)
-        await connection.publish_many(messages, on_result)
+        await connection.publish_many(_messages(regular), on_result)
+        self._quarantine.connection_lost(lost_in_flight)
+
+        for payload in suspects:
+            lost_in_flight.clear()
+            await connection.wait_connected(self._settings.mqtt.connect_timeout_seconds)
+            await connection.publish_many(_messages([payload]), on_result)
+            if lost_in_flight:
+                seconds, strikes = self._quarantine.hold(
+                    payload.topic, time.monotonic()
+                )
+                log.error(
+                    "topic_quarantined",
+                    topic=payload.topic,
+                    retry_in_seconds=round(seconds),
+                    strikes=strikes,
+                    reason="the broker closed the connection when this topic alone was "
+                    "published; an AWS IoT Core policy that denies the topic does this",
+                )
+
         if report.failures:
             log.warning(
                 "publish_failed",
@@ -231,3 +273,7 @@ class Syncer:
                 errors=dict(Counter(report.failures.values())),
                 topics=sorted(report.failures)[:_MAX_TOPICS_LOGGED],
             )
+
+
+def _messages(payloads: list[Payload]) -> Iterator[OutgoingMessage]:
+    return (OutgoingMessage(payload.topic, payload.body) for payload in payloads)
