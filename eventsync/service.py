@@ -8,6 +8,7 @@ import signal
 import sys
 import time
 from contextlib import AsyncExitStack
+from pathlib import Path
 
 from eventsync import __version__
 from eventsync.config import Settings
@@ -31,9 +32,8 @@ def runtime_stats() -> dict[str, int]:
     """
     stats = {"tasks": len(asyncio.all_tasks())}
     try:
-        stats["open_files"] = len(os.listdir("/proc/self/fd"))
-        with open("/proc/self/statm") as statm:  # noqa: PTH123
-            resident_pages = int(statm.read().split()[1])
+        stats["open_files"] = sum(1 for _ in Path("/proc/self/fd").iterdir())
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
         stats["rss_bytes"] = resident_pages * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         pass
