@@ -6,97 +6,28 @@ import asyncio
 import json
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import pytest
 
 from tests.support.broker import MosquittoBroker
-from tests.support.daemon import DaemonProcess, SilentServer, run_cli, write_config
-from tests.support.dynamo import MotoServer, create_events_table, put_raw_items
+from tests.support.daemon import DaemonProcess, SilentServer, run_cli
+from tests.support.dynamo import MotoServer, put_raw_items
 from tests.support.factories import event_item
-from tests.support.mqtt import read_retained, unique_client_id
+from tests.support.mqtt import read_retained
 from tests.support.pki import Pki
 
 HOUR = 3600
 
 
-@pytest.fixture
-def config_factory(
-    tmp_path: Path,
-    broker: MosquittoBroker,
-    pki: Pki,
-    moto_server: MotoServer,
-    table_name: str,
-) -> Callable[..., Path]:
-    def create(
-        *, sync: dict[str, Any] | None = None, dynamodb: dict[str, Any] | None = None
-    ) -> Path:
-        sections: dict[str, dict[str, Any]] = {
-            "dynamodb": {
-                "table": table_name,
-                "region": "us-east-1",
-                "endpoint_url": moto_server.endpoint_url,
-                "max_attempts": 1,
-                **(dynamodb or {}),
-            },
-            "mqtt": {
-                "host": broker.host,
-                "port": broker.port,
-                "client_id": unique_client_id("daemon"),
-                "ca_file": pki.ca_cert,
-                "cert_file": pki.client_cert,
-                "key_file": pki.client_key_pkcs1,
-                "reconnect_min_seconds": 0.2,
-                "reconnect_max_seconds": 1,
-            },
-            "sync": {"interval_seconds": 1, **(sync or {})},
-            "health": {"heartbeat_file": tmp_path / "heartbeat"},
-        }
-        return write_config(tmp_path / "config.toml", sections)
-
-    return create
-
-
-@pytest.fixture
-def start_daemon(tmp_path: Path) -> Iterator[Callable[[Path], DaemonProcess]]:
-    daemons: list[DaemonProcess] = []
-
-    def start(config_path: Path) -> DaemonProcess:
-        daemon = DaemonProcess(config_path, tmp_path / f"daemon-{len(daemons)}.log")
-        daemons.append(daemon)
-        return daemon
-
-    yield start
-    for daemon in daemons:
-        daemon.stop()
-
-
-@pytest.fixture
-async def seeded_table(moto_server: MotoServer, table_name: str) -> str:
-    now = time.time()
-    await create_events_table(moto_server.endpoint_url, table_name)
-    await put_raw_items(
-        moto_server.endpoint_url,
-        table_name,
-        [
-            event_item("lobby", "a", now - 60, now + HOUR),
-            event_item("room-101", "b", now + 60, now + HOUR),
-        ],
-    )
-    return table_name
-
-
 async def test_daemon_sigterm_exits_cleanly(
     seeded_table: str,
-    config_factory: Callable[..., Path],
+    daemon_config: Callable[..., Path],
     start_daemon: Callable[[Path], DaemonProcess],
     broker: MosquittoBroker,
     pki: Pki,
     tmp_path: Path,
 ) -> None:
-    config_path = config_factory()
+    config_path = daemon_config()
     daemon = start_daemon(config_path)
     daemon.wait_for("sync_completed", count=2)
     retained = await read_retained(broker.host, broker.port, pki, "events/#")
@@ -121,11 +52,11 @@ async def test_daemon_sigterm_exits_cleanly(
 
 async def test_daemon_logs_are_json_lines(
     seeded_table: str,
-    config_factory: Callable[..., Path],
+    daemon_config: Callable[..., Path],
     start_daemon: Callable[[Path], DaemonProcess],
     pki: Pki,
 ) -> None:
-    daemon = start_daemon(config_factory())
+    daemon = start_daemon(daemon_config())
     daemon.wait_for("sync_completed")
     daemon.stop()
 
@@ -155,12 +86,12 @@ async def test_daemon_logs_are_json_lines(
 
 
 def test_daemon_second_signal_exits_at_once(
-    config_factory: Callable[..., Path],
+    daemon_config: Callable[..., Path],
     start_daemon: Callable[[Path], DaemonProcess],
 ) -> None:
     silent = SilentServer()
     try:
-        config_path = config_factory(
+        config_path = daemon_config(
             dynamodb={"endpoint_url": silent.url, "read_timeout_seconds": 60},
             sync={"shutdown_timeout": 30},
         )
@@ -182,12 +113,12 @@ def test_daemon_second_signal_exits_at_once(
 
 
 def test_daemon_shutdown_timeout_cancels_sync(
-    config_factory: Callable[..., Path],
+    daemon_config: Callable[..., Path],
     start_daemon: Callable[[Path], DaemonProcess],
 ) -> None:
     silent = SilentServer()
     try:
-        config_path = config_factory(
+        config_path = daemon_config(
             dynamodb={"endpoint_url": silent.url, "read_timeout_seconds": 60},
             sync={"shutdown_timeout": 1},
         )
@@ -206,12 +137,12 @@ def test_daemon_shutdown_timeout_cancels_sync(
 
 
 async def test_daemon_skips_overlapping_sync(
-    config_factory: Callable[..., Path],
+    daemon_config: Callable[..., Path],
     start_daemon: Callable[[Path], DaemonProcess],
 ) -> None:
     silent = SilentServer()
     try:
-        config_path = config_factory(
+        config_path = daemon_config(
             dynamodb={"endpoint_url": silent.url, "read_timeout_seconds": 4},
             sync={"interval_seconds": 1, "shutdown_timeout": 1},
         )
@@ -228,11 +159,11 @@ async def test_daemon_skips_overlapping_sync(
 
 async def test_daemon_cron_syncs_at_startup(
     seeded_table: str,
-    config_factory: Callable[..., Path],
+    daemon_config: Callable[..., Path],
     start_daemon: Callable[[Path], DaemonProcess],
 ) -> None:
     # Midnight on January 1st: the only sync within the test is the start-up one.
-    config_path = config_factory(sync={"interval_seconds": None, "cron": "0 0 1 1 *"})
+    config_path = daemon_config(sync={"interval_seconds": None, "cron": "0 0 1 1 *"})
     daemon = start_daemon(config_path)
 
     completed = daemon.wait_for("sync_completed")
@@ -244,13 +175,13 @@ async def test_daemon_cron_syncs_at_startup(
 
 async def test_daemon_publishes_after_broker_restart(
     seeded_table: str,
-    config_factory: Callable[..., Path],
+    daemon_config: Callable[..., Path],
     start_daemon: Callable[[Path], DaemonProcess],
     broker: MosquittoBroker,
     pki: Pki,
     moto_server: MotoServer,
 ) -> None:
-    daemon = start_daemon(config_factory())
+    daemon = start_daemon(daemon_config())
     daemon.wait_for("sync_completed")
 
     broker.stop()
