@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from eventsync.cache import PublishedCache
 from eventsync.config import Settings
 from eventsync.errors import InvalidItemError, NotConnectedError
-from eventsync.events import Event, ItemRules, parse_item
+from eventsync.events import Event, ItemParser, ItemRules
 from eventsync.logs import get_logger
 from eventsync.payloads import (
     Payload,
@@ -76,18 +76,27 @@ def payload_rules(settings: Settings) -> PayloadRules:
     )
 
 
-async def read_table(store: EventStore, rules: ItemRules) -> TableSnapshot:
+async def read_table(
+    store: EventStore, rules: ItemRules, parser: ItemParser | None = None
+) -> TableSnapshot:
     """Scan the whole table and parse every item, logging each invalid one.
 
-    Raises StoreError when any page fails, so nothing is built from a partial scan.
+    A `parser` kept from scan to scan, built with the same `rules`, skips
+    parsing the items that did not change. Raises StoreError when any page
+    fails, so nothing is built from a partial scan.
     """
+    if parser is None:
+        parser = ItemParser(rules)
+    elif parser.rules != rules:
+        raise ValueError("the parser was built with other item rules")
+    parser.start_scan()
     snapshot = TableSnapshot()
     grouped: defaultdict[str, list[Event]] = defaultdict(list)
     async for page in store.scan_pages():
         snapshot.items_read += len(page)
         for item in page:
             try:
-                event = parse_item(item, rules)
+                event = parser.parse(item)
             except InvalidItemError as exc:
                 snapshot.invalid += 1
                 log.warning(
@@ -98,6 +107,7 @@ async def read_table(store: EventStore, rules: ItemRules) -> TableSnapshot:
                 )
                 continue
             grouped[event.target].append(event)
+    parser.finish_scan()
     snapshot.events_by_target = dict(grouped)
     return snapshot
 
@@ -117,6 +127,7 @@ class Syncer:
         self._connection = connection
         self._cache = cache if cache is not None else PublishedCache()
         self._item_rules = item_rules(settings)
+        self._parser = ItemParser(self._item_rules)
         self._payload_rules = payload_rules(settings)
         self._template = settings.mqtt.template
         self._connection_count = 0
@@ -150,7 +161,7 @@ class Syncer:
         connection came up in time.
         """
         started = time.perf_counter()
-        snapshot = await read_table(self._store, self._item_rules)
+        snapshot = await read_table(self._store, self._item_rules, self._parser)
         if now is None:
             now = time.time()
 
