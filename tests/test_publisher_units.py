@@ -70,7 +70,7 @@ async def test_rate_pacer_spaces_publishes(clock: FakeClock) -> None:
     assert clock.sleeps == pytest.approx([0.1, 0.1, 0.1, 0.1])
 
 
-async def test_rate_pacer_first_publish_waits_not(clock: FakeClock) -> None:
+async def test_rate_pacer_first_publish_immediate(clock: FakeClock) -> None:
     pacer = RatePacer(10)
 
     await pacer.wait()
