@@ -121,6 +121,7 @@ class Syncer:
         store: EventStore,
         connection: MqttConnection | None,
         cache: PublishedCache | None = None,
+        quarantine: TopicQuarantine | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
@@ -131,7 +132,7 @@ class Syncer:
         self._payload_rules = payload_rules(settings)
         self._template = settings.mqtt.template
         self._connection_count = 0
-        self._quarantine = TopicQuarantine()
+        self._quarantine = quarantine if quarantine is not None else TopicQuarantine()
 
     @property
     def cache(self) -> PublishedCache:
