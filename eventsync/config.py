@@ -36,7 +36,7 @@ AWS_IOT_MAX_PAYLOAD_BYTES = 131_072
 # ALPN protocol that AWS IoT Core expects for MQTT with client certificates on 443.
 AWS_IOT_ALPN = "x-amzn-mqtt-ca"
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhdw])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -48,7 +48,7 @@ def parse_duration(value: Any) -> float:
         seconds = float(value)
     elif isinstance(value, str):
         text = value.strip().lower()
-        if re.fullmatch(r"\d+(\.\d+)?", text):
+        if re.fullmatch(r"[0-9]+(\.[0-9]+)?", text):
             seconds = float(text)
         elif text and re.fullmatch(rf"(?:{_DURATION_PART.pattern})+", text):
             seconds = sum(
@@ -113,7 +113,7 @@ class MqttSettings(_Section):
     )
     # AWS IoT Core accepts 100 publishes per second per connection and silently
     # drops the excess. 0 turns the limit off.
-    max_publish_rate: float = Field(default=80, ge=0)
+    max_publish_rate: float = Field(default=80, ge=0, le=100_000, allow_inf_nan=False)
     max_in_flight: int = Field(default=20, ge=1, le=1000)
     publish_timeout_seconds: float = Field(default=10, gt=0, le=300)
     connect_timeout_seconds: float = Field(default=10, gt=0, le=300)
@@ -184,7 +184,7 @@ class SyncSettings(_Section):
     def _check_timezone(cls, value: str) -> str:
         try:
             ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
+        except (ZoneInfoNotFoundError, ValueError, OSError):
             raise ValueError(
                 f"unknown time zone {value!r}: use an IANA name such as 'Europe/Berlin'"
             ) from None

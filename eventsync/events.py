@@ -147,6 +147,9 @@ def parse_item(
     except UnicodeEncodeError:
         # A lone surrogate (from a `\ud800` escape) cannot be written as UTF-8.
         raise invalid("a text field is not valid Unicode") from None
+    except ValueError:
+        # Python writes no int of more than sys.get_int_max_str_digits() digits.
+        raise invalid("a Number in data has too many digits for JSON") from None
 
     if len(encoded) > room:
         raise invalid(
@@ -211,7 +214,10 @@ def check_target(target: str, rules: ItemRules) -> TargetCheck:
     problem = target_problem(target)
     if problem is None:
         problem = topic_problem(rules.topic_template.render(target))
-    return problem, rules.max_payload_bytes - envelope_size(target)
+    if problem is not None:
+        # An invalid target may not even encode as UTF-8, so it gets no room.
+        return problem, 0
+    return None, rules.max_payload_bytes - envelope_size(target)
 
 
 def _key_text(item: Mapping[str, Any], name: str) -> str:
@@ -221,18 +227,15 @@ def _key_text(item: Mapping[str, Any], name: str) -> str:
     warning from being written.
     """
     attribute = item.get(name)
-    if type(attribute) is dict:
-        text = attribute.get("S")
-        if type(text) is str:
-            return text
-    if isinstance(attribute, Mapping) and isinstance(attribute.get("S"), str):
-        return str(attribute["S"])
+    code, value = _typed(attribute)
+    if code == "S" and type(value) is str:
+        return value
     other_target = item.get("target") if name == "event_id" else item.get("event_id")
     other = _shown(other_target)
     if attribute is None:
         found = "missing"
     else:
-        found = f"a {_type_name(attribute)}, not a String"
+        found = f"{_type_name(attribute)}, not a String"
     message = f"{name} is {found}"
     if name == "target":
         raise InvalidItemError("?", other, message)
@@ -258,10 +261,13 @@ def _typed(attribute: Any) -> tuple[str, Any]:
 
 
 def _type_name(attribute: Any) -> str:
+    """Name the type of a typed value with its article, such as `a Map`."""
     code, _ = _typed(attribute)
     if not code:
-        return "malformed attribute"
-    return _TYPE_NAMES.get(code, f"attribute of type {code!r}")
+        return "a malformed attribute"
+    if code in _TYPE_NAMES:
+        return f"a {_TYPE_NAMES[code]}"
+    return f"an attribute of type {code!r}"
 
 
 def _string(item: Mapping[str, Any], name: str) -> str | None:
@@ -271,7 +277,7 @@ def _string(item: Mapping[str, Any], name: str) -> str | None:
     code, value = _typed(attribute)
     if code == "S" and isinstance(value, str):
         return value
-    raise ValueError(f"{name} must be a String, got a {_type_name(attribute)}")
+    raise ValueError(f"{name} must be a String, got {_type_name(attribute)}")
 
 
 def _instant(item: Mapping[str, Any], name: str, zone: tzinfo) -> int:
@@ -298,7 +304,7 @@ def _instant(item: Mapping[str, Any], name: str, zone: tzinfo) -> int:
     else:
         raise ValueError(
             f"{name} must be an ISO 8601 String or a Number of epoch seconds, "
-            f"got a {_type_name(attribute)}"
+            f"got {_type_name(attribute)}"
         )
     whole = math.floor(seconds)
     if not MIN_EPOCH_SECONDS <= whole <= MAX_EPOCH_SECONDS:
@@ -342,7 +348,7 @@ def _expires_at(item: Mapping[str, Any]) -> float | None:
     code, value = _typed(attribute)
     if code != "N" or not isinstance(value, str):
         raise ValueError(
-            f"expires_at must be a Number of epoch seconds, got a {_type_name(attribute)}"
+            f"expires_at must be a Number of epoch seconds, got {_type_name(attribute)}"
         )
     try:
         seconds = Decimal(value)
@@ -359,7 +365,7 @@ def _data(item: Mapping[str, Any]) -> dict[str, JsonValue] | None:
         return None
     code, _ = _typed(attribute)
     if code != "M":
-        raise ValueError(f"data must be a Map, got a {_type_name(attribute)}")
+        raise ValueError(f"data must be a Map, got {_type_name(attribute)}")
     value = _json_value(attribute, "data", 1)
     assert isinstance(value, dict)
     return value
@@ -392,7 +398,7 @@ def _json_value(attribute: Any, path: str, depth: int) -> JsonValue:
             _json_value(element, f"{path}[{index}]", depth + 1)
             for index, element in enumerate(value)
         ]
-    raise ValueError(f"{path} is a {_type_name(attribute)}, which JSON cannot carry")
+    raise ValueError(f"{path} is {_type_name(attribute)}, which JSON cannot carry")
 
 
 def _json_number(text: str, path: str) -> int | float:

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from eventsync.encoding import PAYLOAD_TAIL_MAX, encode_json, format_utc, payload_head
-from eventsync.events import Event
+from eventsync.events import MAX_EPOCH_SECONDS, Event
 
 PAYLOAD_VERSION = 1
 
@@ -78,8 +78,10 @@ def build_payload(
             in_window.append(event)
             continue
         entry = event.starts_at - rules.lookahead_seconds
-        if entry > now and (event.expires_at is None or event.expires_at > entry):
-            next_entry = min(next_entry, entry)
+        if entry >= now and (event.expires_at is None or event.expires_at > entry):
+            # At entry == now the event is still outside the window, and it is
+            # inside from the next whole second on.
+            next_entry = min(next_entry, entry if entry > now else math.floor(now) + 1)
     in_window.sort(key=_event_order)
 
     head = payload_head(target)
@@ -90,7 +92,17 @@ def build_payload(
         next_change = min(next_change, event.ends_at + rules.grace_seconds)
         if event.expires_at is not None:
             next_change = min(next_change, event.expires_at)
-    next_change_at = None if math.isinf(next_change) else math.ceil(next_change)
+    dropped_events = in_window[len(kept) :]
+    if dropped_events:
+        # The `truncated` flag goes once the last dropped event leaves.
+        next_change = min(
+            next_change, max(_leaves_at(event, rules) for event in dropped_events)
+        )
+    next_change_at = (
+        None
+        if math.isinf(next_change)
+        else min(math.ceil(next_change), MAX_EPOCH_SECONDS)
+    )
 
     dropped = len(in_window) - len(kept)
     parts = [head, b",".join(event.encoded for event in kept), b'],"next_change_at":']
@@ -113,6 +125,13 @@ def build_vanished_payload(target: str, topic: str, *, clear: bool) -> Payload:
         return Payload(topic, target, b"", 0, 0, None, vanished=True)
     body = payload_head(target) + b'],"next_change_at":null}'
     return Payload(topic, target, body, 0, 0, None, vanished=True)
+
+
+def _leaves_at(event: Event, rules: PayloadRules) -> float:
+    leaves = event.ends_at + rules.grace_seconds
+    if event.expires_at is not None:
+        leaves = min(leaves, event.expires_at)
+    return leaves
 
 
 def _event_order(event: Event) -> tuple[int, str]:

@@ -134,7 +134,7 @@ def _parse_part(part: str, field: _Field) -> range:
     span, slash, step_text = part.partition("/")
     step = 1
     if slash:
-        if not step_text.isdigit() or int(step_text) == 0:
+        if not (step_text.isascii() and step_text.isdigit()) or int(step_text) == 0:
             raise invalid("the step after '/' must be a whole number of 1 or more")
         step = int(step_text)
     if span == "*":
@@ -157,7 +157,7 @@ def _parse_value(text: str, field: _Field, invalid: Callable[[str], ValueError])
     lowered = text.lower()
     if lowered in field.names:
         return field.names[lowered]
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise invalid(f"{text!r} is not a number{' or a name' if field.names else ''}")
     value = int(text)
     if not field.low <= value <= field.high:
