@@ -169,6 +169,7 @@ class Syncer:
         report = SyncReport(events_read=snapshot.items_read, invalid=snapshot.invalid)
         self._forget_broker_state_after_reconnect()
         changed: list[Payload] = []
+        vanished: list[str] = []
         for payload in self.payloads(snapshot, now):
             report.topics += 1
             if payload.truncated:
@@ -181,8 +182,20 @@ class Syncer:
                 )
             if self._cache.is_current(payload.topic, payload.digest):
                 report.unchanged += 1
+            elif payload.vanished:
+                vanished.append(payload.topic)
+                changed.append(payload)
             else:
                 changed.append(payload)
+
+        if vanished and not snapshot.events_by_target:
+            changed = self._hold_empty_table(changed, vanished)
+        elif vanished:
+            log.info(
+                "targets_vanished",
+                count=len(vanished),
+                topics=sorted(vanished)[:_MAX_TOPICS_LOGGED],
+            )
 
         if changed:
             await self._publish(changed, report)
@@ -200,6 +213,33 @@ class Syncer:
             truncated=report.truncated,
         )
         return report
+
+    def _hold_empty_table(
+        self, changed: list[Payload], vanished: list[str]
+    ) -> list[Payload]:
+        """Return `changed` without the vanished topics, unless empty tables are allowed.
+
+        A table without a single valid event, while the broker still carries
+        events this process published, is more often a wrong, recreated or
+        half-restored table, or a writer whose items all break the rules, than
+        every event deleted at once. Emptying the topics would blank the whole
+        fleet, so by default they keep their payloads and stay tracked.
+        """
+        if self._settings.sync.allow_empty_table:
+            log.warning(
+                "targets_vanished",
+                count=len(vanished),
+                topics=sorted(vanished)[:_MAX_TOPICS_LOGGED],
+                reason="the table holds no valid event",
+            )
+            return changed
+        log.error(
+            "empty_table_held",
+            topics=len(vanished),
+            reason="the table holds no valid event, so no topic is emptied; "
+            "set sync.allow_empty_table = true if the table is empty on purpose",
+        )
+        return [payload for payload in changed if not payload.vanished]
 
     def _forget_broker_state_after_reconnect(self) -> None:
         connection = self._connection

@@ -174,14 +174,19 @@ async def test_sync_event_end_changes_payload(harness: Harness) -> None:
 
 async def test_sync_vanished_target_gets_empty_payload(harness: Harness) -> None:
     now = time.time()
-    await harness.put(event_item("lobby", "a", now, now + HOUR))
+    await harness.put(
+        event_item("lobby", "a", now, now + HOUR),
+        event_item("room-101", "b", now, now + HOUR),
+    )
     await harness.sync(now)
     await harness.delete("lobby", "a")
 
-    emptied = await harness.sync(now + 1)
+    with capture_logs() as logs:
+        emptied = await harness.sync(now + 1)
     retained = await harness.retained()
     after = await harness.sync(now + 2)
 
+    vanished_logs = [entry for entry in logs if entry["event"] == "targets_vanished"]
     assert emptied.published == 1
     assert retained["events/lobby"] == {
         "version": 1,
@@ -189,8 +194,62 @@ async def test_sync_vanished_target_gets_empty_payload(harness: Harness) -> None
         "events": [],
         "next_change_at": None,
     }
+    assert vanished_logs[0]["topics"] == ["events/lobby"]
     assert after.published == 0
-    assert after.topics == 0
+    assert after.topics == 1
+
+
+async def test_sync_empty_table_keeps_topics(harness: Harness) -> None:
+    now = time.time()
+    await harness.put(
+        event_item("lobby", "a", now, now + HOUR),
+        event_item("room-101", "b", now, now + HOUR),
+    )
+    await harness.sync(now)
+    before = await harness.retained()
+    await harness.delete("lobby", "a")
+    await harness.delete("room-101", "b")
+
+    with capture_logs() as logs:
+        report = await harness.sync(now + 1)
+    after = await harness.retained()
+
+    held_logs = [entry for entry in logs if entry["event"] == "empty_table_held"]
+    assert report.published == 0
+    assert after == before
+    assert len(held_logs) == 1
+    assert held_logs[0]["topics"] == 2
+
+
+async def test_sync_empty_table_after_refill_publishes(harness: Harness) -> None:
+    now = time.time()
+    await harness.put(event_item("lobby", "a", now, now + HOUR))
+    await harness.sync(now)
+    await harness.delete("lobby", "a")
+    await harness.sync(now + 1)
+    await harness.put(event_item("lobby", "c", now, now + HOUR, title="new"))
+
+    report = await harness.sync(now + 2)
+    retained = await harness.retained()
+
+    assert report.published == 1
+    assert retained["events/lobby"]["events"][0]["title"] == "new"
+
+
+async def test_sync_empty_table_allowed_empties_topics(
+    harness_factory: Callable[..., Any],
+) -> None:
+    harness: Harness = await harness_factory(sync={"allow_empty_table": True})
+    now = time.time()
+    await harness.put(event_item("lobby", "a", now, now + HOUR))
+    await harness.sync(now)
+    await harness.delete("lobby", "a")
+
+    report = await harness.sync(now + 1)
+    retained = await harness.retained()
+
+    assert report.published == 1
+    assert retained["events/lobby"]["events"] == []
 
 
 async def test_sync_vanished_target_cleared(
