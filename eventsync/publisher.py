@@ -13,6 +13,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import aiomqtt
+import paho.mqtt.client as mqtt
 
 from eventsync.config import MqttSettings
 from eventsync.logs import get_logger
@@ -180,6 +181,14 @@ class MqttConnection:
             error = task.exception()
             if error is None:
                 on_result(message, None)
+                return
+            if (
+                isinstance(error, aiomqtt.MqttCodeError)
+                and error.rc == mqtt.MQTT_ERR_NO_CONN
+            ):
+                # paho refuses a publish that starts between the drop and
+                # aiomqtt noticing it.
+                on_result(message, NOT_CONNECTED)
                 return
             description = describe_mqtt_error(error)
             if description == PUBACK_TIMEOUT:
