@@ -47,7 +47,10 @@ class EventStore:
 
     async def __aenter__(self) -> Self:
         config = AioConfig(
-            retries={"mode": "standard", "max_attempts": self._settings.max_attempts},
+            retries={
+                "mode": "standard",
+                "total_max_attempts": self._settings.max_attempts,
+            },
             connect_timeout=self._settings.connect_timeout_seconds,
             read_timeout=self._settings.read_timeout_seconds,
         )

@@ -158,7 +158,9 @@ class MosquittoBroker:
         """Stop the broker and start it again on the same port.
 
         Retained messages are lost, because the configuration sets
-        `persistence false`.
+        `persistence false`, unless `extra_config` turns persistence on with a
+        `persistence_location`: mosquitto takes the last value of a repeated
+        option.
         """
         self.stop()
         self.start()
