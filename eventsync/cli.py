@@ -5,13 +5,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from eventsync import __version__
-from eventsync.config import Settings, check_certificate_files, load_settings
+from eventsync.config import (
+    CoreSettings,
+    Settings,
+    load_core_settings,
+    load_settings,
+)
 from eventsync.errors import (
     ConfigError,
     InvalidItemError,
@@ -19,12 +25,28 @@ from eventsync.errors import (
     StoreError,
 )
 from eventsync.logs import configure_logging, get_logger
+from eventsync.tls import check_certificate_files
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
 
 log = get_logger("eventsync.cli")
+
+
+def positive_seconds(text: str) -> float:
+    """Parse a command-line number of seconds that is finite and above 0."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid number of seconds {text!r}"
+        ) from None
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise argparse.ArgumentTypeError(
+            f"invalid number of seconds {text!r}: must be finite and above 0"
+        )
+    return seconds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,9 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     health.add_argument(
         "--max-age",
-        type=float,
+        type=positive_seconds,
         metavar="SECONDS",
-        help="the oldest heartbeat that counts as healthy (default: two sync periods plus 300 s)",
+        help="the oldest heartbeat that counts as healthy, in seconds above 0 (default: two sync periods plus 300 s)",
     )
     return parser
 
@@ -140,11 +162,41 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     try:
-        settings = load_settings(getattr(arguments, "config", None))
+        return _run_command(arguments)
     except ConfigError as exc:
         print(f"eventsync: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
 
+
+def _run_command(arguments: argparse.Namespace) -> int:
+    config = getattr(arguments, "config", None)
+    # `table create`, `events delete` and `health` read neither the broker
+    # settings nor the topic template, so they run without [mqtt].
+    if arguments.command == "health":
+        core = load_core_settings(config)
+        _configure_logging(arguments, core)
+        return _health(core, arguments.max_age)
+    if arguments.command == "table":
+        core = load_core_settings(config)
+        _configure_logging(arguments, core)
+        return asyncio.run(_table_create(core))
+    if arguments.command == "events" and arguments.events_command == "delete":
+        core = load_core_settings(config)
+        _configure_logging(arguments, core)
+        return asyncio.run(_events_delete(arguments, core))
+
+    settings = load_settings(config)
+    _configure_logging(arguments, settings)
+    if arguments.command in ("run", "sync") and not getattr(
+        arguments, "dry_run", False
+    ):
+        _check_tls_setup(settings)
+    return asyncio.run(_dispatch(arguments, settings))
+
+
+def _configure_logging(arguments: argparse.Namespace, settings: CoreSettings) -> None:
     # Commands that print data keep stdout for it and log to stderr.
     prints_data = arguments.command == "events" or getattr(arguments, "dry_run", False)
     configure_logging(
@@ -152,20 +204,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings.log.format,
         stream=sys.stderr if prints_data else sys.stdout,
     )
-
-    if arguments.command == "health":
-        return _health(settings, arguments.max_age)
-    try:
-        if arguments.command in ("run", "sync") and not getattr(
-            arguments, "dry_run", False
-        ):
-            _check_tls_setup(settings)
-        return asyncio.run(_dispatch(arguments, settings))
-    except ConfigError as exc:
-        print(f"eventsync: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except KeyboardInterrupt:
-        return 130
 
 
 def _check_tls_setup(settings: Settings) -> None:
@@ -188,8 +226,6 @@ async def _dispatch(arguments: argparse.Namespace, settings: Settings) -> int:
         return await Daemon(settings).run()
     if arguments.command == "sync":
         return await _sync(settings, dry_run=arguments.dry_run)
-    if arguments.command == "table":
-        return await _table_create(settings)
     return await _events(arguments, settings)
 
 
@@ -216,7 +252,7 @@ async def _sync(settings: Settings, *, dry_run: bool) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
-async def _table_create(settings: Settings) -> int:
+async def _table_create(settings: CoreSettings) -> int:
     from eventsync.store import EventStore
 
     try:
@@ -235,6 +271,7 @@ async def _table_create(settings: Settings) -> int:
 
 async def _events(arguments: argparse.Namespace, settings: Settings) -> int:
     from eventsync.admin import build_item, list_events, validate_item
+    from eventsync.events import MAX_DATA_DEPTH
     from eventsync.store import EventStore
 
     item: dict[str, Any] | None = None
@@ -258,6 +295,15 @@ async def _events(arguments: argparse.Namespace, settings: Settings) -> int:
         except ValueError as exc:
             print(f"eventsync: invalid event: {exc}", file=sys.stderr)
             return EXIT_CONFIG
+        except RecursionError:
+            # Only --data nests, and both json.loads and the conversion to
+            # DynamoDB's typed form recurse into each level.
+            print(
+                f"eventsync: invalid event: --data is nested too deeply; "
+                f"DynamoDB stores {MAX_DATA_DEPTH} levels at most",
+                file=sys.stderr,
+            )
+            return EXIT_CONFIG
 
     try:
         async with EventStore(settings.dynamodb) as store:
@@ -267,27 +313,33 @@ async def _events(arguments: argparse.Namespace, settings: Settings) -> int:
                     "event_put", target=arguments.target, event_id=arguments.event_id
                 )
                 return EXIT_OK
-            if arguments.events_command == "list":
-                await list_events(store, settings, arguments.target)
-                return EXIT_OK
-            if await store.delete_item(arguments.target, arguments.event_id):
-                log.info(
-                    "event_deleted",
-                    target=arguments.target,
-                    event_id=arguments.event_id,
-                )
-                return EXIT_OK
-            print(
-                f"eventsync: no event target={arguments.target!r} event_id={arguments.event_id!r} found",
-                file=sys.stderr,
-            )
-            return EXIT_FAILED
+            await list_events(store, settings, arguments.target)
+            return EXIT_OK
     except StoreError as exc:
         print(f"eventsync: {exc}", file=sys.stderr)
         return EXIT_FAILED
 
 
-def _health(settings: Settings, max_age: float | None) -> int:
+async def _events_delete(arguments: argparse.Namespace, settings: CoreSettings) -> int:
+    from eventsync.store import EventStore
+
+    try:
+        async with EventStore(settings.dynamodb) as store:
+            deleted = await store.delete_item(arguments.target, arguments.event_id)
+    except StoreError as exc:
+        print(f"eventsync: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if not deleted:
+        print(
+            f"eventsync: no event target={arguments.target!r} event_id={arguments.event_id!r} found",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    log.info("event_deleted", target=arguments.target, event_id=arguments.event_id)
+    return EXIT_OK
+
+
+def _health(settings: CoreSettings, max_age: float | None) -> int:
     from eventsync.health import check_heartbeat, default_max_age_seconds
 
     path = settings.health.heartbeat_file

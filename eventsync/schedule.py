@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, tzinfo
+from datetime import date, datetime, timedelta, tzinfo
 from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -83,13 +83,34 @@ class CrontabSpec:
         """Tell whether the job fires in the minute of `moment` (a wall-clock time)."""
         if moment.minute not in self.minutes or moment.hour not in self.hours:
             return False
-        if moment.month not in self.months:
+        return self.matches_day(moment.date())
+
+    def matches_day(self, day: date) -> bool:
+        """Tell whether the job fires at some time of `day`.
+
+        Every parsed minute and hour field contains at least one value, so the
+        day fields and the month alone decide.
+        """
+        if day.month not in self.months:
             return False
-        day_match = moment.day in self.days
-        weekday_match = (moment.isoweekday() % 7) in self.weekdays
+        day_match = day.day in self.days
+        weekday_match = (day.isoweekday() % 7) in self.weekdays
         if self.days_restricted and self.weekdays_restricted:
             return day_match or weekday_match
         return day_match and weekday_match
+
+
+def first_fire_day(spec: CrontabSpec, start: date, max_days: int) -> date | None:
+    """Return the first day from `start` on which `spec` fires, or None.
+
+    Looks at `max_days` days at most, so that an expression that never fires,
+    such as `0 0 30 2 *`, returns None instead of searching for ever.
+    """
+    for offset in range(max_days):
+        day = start + timedelta(days=offset)
+        if spec.matches_day(day):
+            return day
+    return None
 
 
 def parse_crontab(expression: str) -> CrontabSpec:

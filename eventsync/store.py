@@ -10,7 +10,12 @@ from typing import Any, Self
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
-from botocore.exceptions import BotoCoreError, ClientError, NoRegionError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    InvalidRegionError,
+    NoRegionError,
+)
 
 from eventsync.config import DynamoDBSettings
 from eventsync.errors import ConfigError, StoreError
@@ -69,10 +74,22 @@ class EventStore:
                 "invalid setting dynamodb.region: not set, and the AWS chain has no region; "
                 "set it in the configuration file, EVENTSYNC_DYNAMODB__REGION or AWS_REGION"
             ) from None
-        except BotoCoreError as exc:
-            raise StoreError(
-                f"cannot create the DynamoDB client: {describe_error(exc)}"
-            ) from exc
+        except InvalidRegionError as exc:
+            # The settings check dynamodb.region, so this one came from AWS_REGION,
+            # AWS_DEFAULT_REGION or the AWS config file.
+            raise ConfigError(
+                f"invalid setting dynamodb.region: the AWS chain gives {exc.kwargs.get('region_name')!r}, "
+                "which is not a region name; set dynamodb.region or AWS_REGION to one such as 'eu-west-1'"
+            ) from None
+        except (BotoCoreError, ValueError) as exc:
+            # botocore raises ValueError for an endpoint URL it cannot use, such
+            # as one from AWS_ENDPOINT_URL, which the settings do not check.
+            # NOTE: a failed fetch of ECS task role credentials also lands here,
+            # and so stops start-up with exit status 2 like a bad setting.
+            raise ConfigError(
+                f"cannot create the DynamoDB client: {describe_error(exc)}; "
+                "check the [dynamodb] settings and the AWS environment variables"
+            ) from None
         return self
 
     async def __aexit__(

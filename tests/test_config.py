@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import os
+from datetime import date
 from pathlib import Path
 from typing import Any
 
 import pytest
+from botocore.exceptions import InvalidRegionError
+from botocore.utils import validate_region_name
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from eventsync.cli import main
-from eventsync.config import load_settings, parse_duration
+from eventsync.config import (
+    CRON_HORIZON_DAYS,
+    DynamoDBSettings,
+    load_core_settings,
+    load_settings,
+    parse_duration,
+)
 from eventsync.errors import ConfigError
+from eventsync.schedule import first_fire_day, parse_crontab
 from tests.support.daemon import write_config
 
 MQTT = {
@@ -146,6 +157,112 @@ REJECTED_SETTINGS: list[tuple[str, dict[str, Any], str, str]] = [
     ("log", {"level": "verbose"}, "log.level", "'debug', 'info', 'warning'"),
     ("health", {"heartbeat": "/tmp/beat"}, "health.heartbeat", "unknown setting"),
     ("metrics", {"port": 9100}, "metrics", "unknown setting"),
+    # Region names as botocore accepts them, and no empty one.
+    ("dynamodb", {"region": "us east 1"}, "dynamodb.region", "AWS region name"),
+    ("dynamodb", {"region": "-eu-west-1"}, "dynamodb.region", "AWS region name"),
+    ("dynamodb", {"region": "123"}, "dynamodb.region", "AWS region name"),
+    ("dynamodb", {"region": "a" * 64}, "dynamodb.region", "AWS region name"),
+    ("dynamodb", {"region": "eu-west-1\n"}, "dynamodb.region", "AWS region name"),
+    ("dynamodb", {"region": ""}, "dynamodb.region", "must not be empty"),
+    # Endpoints that botocore rejects only at client creation or first request.
+    (
+        "dynamodb",
+        {"endpoint_url": "http://127.0.0.1:99999"},
+        "dynamodb.endpoint_url",
+        "has an invalid port",
+    ),
+    (
+        "dynamodb",
+        {"endpoint_url": "http://127.0.0.1:0"},
+        "dynamodb.endpoint_url",
+        "has an invalid port",
+    ),
+    (
+        "dynamodb",
+        {"endpoint_url": "http://localhost:http"},
+        "dynamodb.endpoint_url",
+        "has an invalid port",
+    ),
+    ("dynamodb", {"endpoint_url": "http://:80"}, "dynamodb.endpoint_url", "no host"),
+    (
+        "dynamodb",
+        {"endpoint_url": "http://under_score:4566"},
+        "dynamodb.endpoint_url",
+        "invalid host name 'under_score'",
+    ),
+    (
+        "dynamodb",
+        {"endpoint_url": "http://user:secret@localhost:4566"},
+        "dynamodb.endpoint_url",
+        "must not contain a user name or password",
+    ),
+    (
+        "dynamodb",
+        {"endpoint_url": "ftp://localhost"},
+        "dynamodb.endpoint_url",
+        "must be an http:// or https:// URL",
+    ),
+    (
+        "dynamodb",
+        {"endpoint_url": "http://local host:4566"},
+        "dynamodb.endpoint_url",
+        "must not contain spaces",
+    ),
+    # TOML values are typed, so the wrong type is an error, not a conversion.
+    ("dynamodb", {"consistent_read": "yes"}, "dynamodb.consistent_read", "boolean"),
+    ("dynamodb", {"consistent_read": 1}, "dynamodb.consistent_read", "boolean"),
+    ("dynamodb", {"max_attempts": True}, "dynamodb.max_attempts", "valid integer"),
+    (
+        "dynamodb",
+        {"connect_timeout_seconds": True},
+        "dynamodb.connect_timeout_seconds",
+        "valid number",
+    ),
+    ("mqtt", {"port": True}, "mqtt.port", "valid integer (got True)"),
+    ("mqtt", {"port": "8883"}, "mqtt.port", "valid integer"),
+    ("mqtt", {"port": 8883.0}, "mqtt.port", "valid integer"),
+    ("mqtt", {"qos": True}, "mqtt.qos", "must be 0 or 1, got True"),
+    ("mqtt", {"qos": 1.0}, "mqtt.qos", "must be 0 or 1, got 1.0"),
+    ("mqtt", {"qos": "1"}, "mqtt.qos", "0 or 1"),
+    ("mqtt", {"max_publish_rate": True}, "mqtt.max_publish_rate", "valid number"),
+    (
+        "mqtt",
+        {"republish_after_reconnect": "true"},
+        "mqtt.republish_after_reconnect",
+        "valid boolean",
+    ),
+    ("sync", {"interval_seconds": True}, "sync.interval_seconds", "valid number"),
+    (
+        "sync",
+        {"max_events_per_topic": "100"},
+        "sync.max_events_per_topic",
+        "valid integer",
+    ),
+    ("mqtt", {"host": "   "}, "mqtt.host", "without spaces"),
+    ("mqtt", {"host": "broker .example"}, "mqtt.host", "without spaces"),
+    (
+        "mqtt",
+        {"max_publish_rate": 0.001},
+        "mqtt.max_publish_rate",
+        "at least 1 publish per second",
+    ),
+    (
+        "mqtt",
+        {"max_publish_rate": 1e-300},
+        "mqtt.max_publish_rate",
+        "at least 1 publish per second",
+    ),
+    ("mqtt", {"alpn": "a" * 256}, "mqtt.alpn", "1 to 255 characters"),
+    ("mqtt", {"alpn": "mqtt-\u00e9"}, "mqtt.alpn", "must be ASCII"),
+    # An empty path would resolve to the configuration file's folder.
+    ("mqtt", {"ca_file": ""}, "mqtt.ca_file", "must be a file path"),
+    ("mqtt", {"key_file": "  "}, "mqtt.key_file", "must be a file path"),
+    ("mqtt", {"cert_file": 5}, "mqtt.cert_file", "must be a file path, got 5"),
+    ("health", {"heartbeat_file": ""}, "health.heartbeat_file", "must be a file path"),
+    ("sync", {"cron": "0 0 30 2 *"}, "sync.cron", "'0 0 30 2 *' never fires"),
+    ("sync", {"cron": "0 0 31 4,6,9,11 *"}, "sync.cron", "never fires"),
+    # A day-of-week field that starts with * does not widen the day-of-month.
+    ("sync", {"cron": "0 0 30 2 */2"}, "sync.cron", "never fires"),
 ]
 
 
@@ -167,6 +284,42 @@ def test_load_settings_rejects_setting(
     assert "\n" not in message
 
 
+ACCEPTED_SETTINGS: list[tuple[str, dict[str, Any]]] = [
+    ("dynamodb", {"region": "eu-west-1"}),
+    ("dynamodb", {"region": "local"}),
+    ("dynamodb", {"endpoint_url": "http://[::1]:4566"}),
+    ("dynamodb", {"endpoint_url": "http://localstack:4566/"}),
+    ("dynamodb", {"endpoint_url": "https://dynamodb.eu-west-1.amazonaws.com"}),
+    ("dynamodb", {"consistent_read": True}),
+    ("mqtt", {"max_publish_rate": 0}),
+    ("mqtt", {"max_publish_rate": 1}),
+    ("mqtt", {"alpn": ""}),
+    ("mqtt", {"alpn": "a" * 255}),
+    ("mqtt", {"qos": 0}),
+    ("sync", {"interval_seconds": 30}),
+    # Feb 29 comes within any 5 years this century.
+    ("sync", {"cron": "0 0 29 2 *"}),
+    # Both day fields restricted: Mondays fire although Feb 30 never comes.
+    ("sync", {"cron": "0 0 30 2 1"}),
+]
+
+
+@pytest.mark.parametrize(
+    ("section", "values"),
+    ACCEPTED_SETTINGS,
+    ids=[f"{section} {values}" for section, values in ACCEPTED_SETTINGS],
+)
+def test_load_settings_accepts_setting(
+    tmp_path: Path, section: str, values: dict[str, Any]
+) -> None:
+    path = write(tmp_path, **{section: values})
+
+    loaded = getattr(load_settings(str(path)), section)
+
+    for key, value in values.items():
+        assert getattr(loaded, key) == value
+
+
 def test_load_settings_lists_every_problem(tmp_path: Path) -> None:
     path = write(tmp_path, mqtt={"port": 0}, sync={"grace": "soon"})
 
@@ -184,7 +337,40 @@ def test_load_settings_missing_mqtt_section(tmp_path: Path) -> None:
     message = config_error(path)
 
     assert message == (
-        f"invalid setting mqtt: missing: set it in {path} or as EVENTSYNC_MQTT"
+        "invalid setting mqtt: missing section: set mqtt.host, mqtt.ca_file, "
+        f"mqtt.cert_file, mqtt.key_file in [mqtt] of {path}, or as "
+        "EVENTSYNC_MQTT__HOST, EVENTSYNC_MQTT__CA_FILE, EVENTSYNC_MQTT__CERT_FILE, "
+        "EVENTSYNC_MQTT__KEY_FILE"
+    )
+
+
+def test_load_core_settings_without_mqtt_section(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text('[dynamodb]\ntable = "operator_events"\n')
+
+    settings = load_core_settings(str(path))
+
+    assert settings.mqtt is None
+    assert settings.dynamodb.table == "operator_events"
+
+
+def test_load_core_settings_checks_mqtt_section(tmp_path: Path) -> None:
+    path = write(tmp_path, mqtt={"port": 0})
+
+    with pytest.raises(ConfigError) as caught:
+        load_core_settings(str(path))
+
+    assert str(caught.value).startswith("invalid setting mqtt.port: ")
+
+
+def test_load_settings_file_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_bytes(b'[mqtt]\nhost = "caf\xe9"\n')
+
+    message = config_error(path)
+
+    assert message == (
+        f"configuration file {str(path)!r} is not UTF-8 text: byte 18 cannot be decoded"
     )
 
 
@@ -270,6 +456,89 @@ def test_load_settings_environment_error_names_setting(
     message = config_error(path)
 
     assert message.startswith("invalid setting sync.lookahead: invalid duration")
+
+
+def test_load_settings_environment_text_converted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Test that environment text becomes the number or boolean a setting takes."""
+    path = write(tmp_path)
+    monkeypatch.setenv("EVENTSYNC_MQTT__QOS", "0")
+    monkeypatch.setenv("EVENTSYNC_MQTT__PORT", "8884")
+    monkeypatch.setenv("EVENTSYNC_MQTT__MAX_PUBLISH_RATE", "2.5")
+    monkeypatch.setenv("EVENTSYNC_DYNAMODB__CONSISTENT_READ", "true")
+    monkeypatch.setenv("EVENTSYNC_SYNC__INTERVAL_SECONDS", "30")
+
+    settings = load_settings(str(path))
+
+    assert settings.mqtt.qos == 0
+    assert type(settings.mqtt.qos) is int
+    assert settings.mqtt.port == 8884
+    assert settings.mqtt.max_publish_rate == 2.5
+    assert settings.dynamodb.consistent_read is True
+    assert settings.sync.interval_seconds == 30
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "setting", "reason"),
+    [
+        ("EVENTSYNC_MQTT__QOS", "2", "mqtt.qos", "0 or 1"),
+        ("EVENTSYNC_MQTT__PORT", "8883.5", "mqtt.port", "valid integer"),
+        ("EVENTSYNC_DYNAMODB__CONSISTENT_READ", "sometimes", "dynamodb", "boolean"),
+        (
+            "EVENTSYNC_MQTT__MAX_PUBLISH_RATE",
+            "0.5",
+            "mqtt.max_publish_rate",
+            "at least 1",
+        ),
+        ("EVENTSYNC_MQTT__HOST", " ", "mqtt.host", "without spaces"),
+        ("EVENTSYNC_MQTT__CA_FILE", "", "mqtt.ca_file", "must be a file path"),
+        ("EVENTSYNC_HEALTH__HEARTBEAT_FILE", "", "health.heartbeat_file", "file path"),
+        ("EVENTSYNC_DYNAMODB__REGION", "", "dynamodb.region", "must not be empty"),
+        ("EVENTSYNC_MQTT", '{"port": true}', "mqtt.port", "valid integer"),
+    ],
+)
+def test_load_settings_environment_rejects_value(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    variable: str,
+    value: str,
+    setting: str,
+    reason: str,
+) -> None:
+    path = write(tmp_path)
+    monkeypatch.setenv(variable, value)
+
+    message = config_error(path)
+
+    assert message.startswith(f"invalid setting {setting}")
+    assert reason in message
+    assert "\n" not in message
+
+
+def test_load_settings_environment_section_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path, mqtt={"client_id": "from-file"})
+    monkeypatch.setenv("EVENTSYNC_MQTT", '{"port": 8884, "qos": 0}')
+
+    settings = load_settings(str(path))
+
+    assert settings.mqtt.port == 8884
+    assert settings.mqtt.qos == 0
+    assert settings.mqtt.client_id == "from-file"
+
+
+def test_load_settings_environment_section_bad_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path)
+    monkeypatch.setenv("EVENTSYNC_MQTT", "{bad")
+
+    message = config_error(path)
+
+    assert message.startswith("invalid setting mqtt: EVENTSYNC_MQTT is not valid JSON")
+    assert "\n" not in message
 
 
 def test_load_settings_environment_unknown_key(
@@ -386,6 +655,41 @@ def test_load_settings_durations(tmp_path: Path) -> None:
     assert settings.sync.lookahead == 7 * 86400
     assert settings.sync.grace == 5400
     assert settings.sync.shutdown_timeout == 25
+
+
+@settings(max_examples=300, deadline=None)
+@given(region=st.text(alphabet="abz09- _.\n", max_size=70))
+def test_region_check_agrees_with_botocore(region: str) -> None:
+    """Test that dynamodb.region takes what botocore takes, except "" and a final newline."""
+    try:
+        validate_region_name(region)
+        botocore_accepts = region != "" and not region.endswith("\n")
+    except InvalidRegionError:
+        botocore_accepts = False
+
+    try:
+        DynamoDBSettings(region=region)
+        accepted = True
+    except ValidationError:
+        accepted = False
+
+    assert accepted == botocore_accepts
+
+
+def test_first_fire_day_finds_leap_day() -> None:
+    spec = parse_crontab("0 0 29 2 *")
+
+    day = first_fire_day(spec, date(2025, 3, 1), CRON_HORIZON_DAYS)
+
+    assert day == date(2028, 2, 29)
+
+
+def test_first_fire_day_never_fires() -> None:
+    spec = parse_crontab("0 0 30 2 *")
+
+    day = first_fire_day(spec, date(2025, 3, 1), CRON_HORIZON_DAYS)
+
+    assert day is None
 
 
 @pytest.mark.parametrize(
