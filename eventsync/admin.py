@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any, TextIO
 
-from eventsync.config import Settings
+from eventsync.config import CoreSettings, Settings
 from eventsync.errors import InvalidItemError
 from eventsync.events import parse_item
 from eventsync.store import EventStore
@@ -111,14 +111,14 @@ def build_item(
     return item
 
 
-def validate_item(item: Mapping[str, Any], settings: Settings) -> None:
+def validate_item(item: Mapping[str, Any], settings: Settings | CoreSettings) -> None:
     """Check an item with the same rules the sync applies; raise InvalidItemError."""
     parse_item(item, item_rules(settings))
 
 
 async def list_events(
     store: EventStore,
-    settings: Settings,
+    settings: Settings | CoreSettings,
     target: str | None,
     output: TextIO = sys.stdout,
 ) -> int:

@@ -172,8 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run_command(arguments: argparse.Namespace) -> int:
     config = getattr(arguments, "config", None)
-    # `table create`, `events delete` and `health` read neither the broker
-    # settings nor the topic template, so they run without [mqtt].
+    # `table create`, `events` and `health` never connect to the broker, so
+    # they run without [mqtt]; `events put` and `events list` then check
+    # targets against the default topic template.
     if arguments.command == "health":
         core = load_core_settings(config)
         _configure_logging(arguments, core)
@@ -182,10 +183,12 @@ def _run_command(arguments: argparse.Namespace) -> int:
         core = load_core_settings(config)
         _configure_logging(arguments, core)
         return asyncio.run(_table_create(core))
-    if arguments.command == "events" and arguments.events_command == "delete":
+    if arguments.command == "events":
         core = load_core_settings(config)
         _configure_logging(arguments, core)
-        return asyncio.run(_events_delete(arguments, core))
+        if arguments.events_command == "delete":
+            return asyncio.run(_events_delete(arguments, core))
+        return asyncio.run(_events(arguments, core))
 
     settings = load_settings(config)
     _configure_logging(arguments, settings)
@@ -224,9 +227,7 @@ async def _dispatch(arguments: argparse.Namespace, settings: Settings) -> int:
         from eventsync.service import Daemon
 
         return await Daemon(settings).run()
-    if arguments.command == "sync":
-        return await _sync(settings, dry_run=arguments.dry_run)
-    return await _events(arguments, settings)
+    return await _sync(settings, dry_run=arguments.dry_run)
 
 
 async def _sync(settings: Settings, *, dry_run: bool) -> int:
@@ -269,7 +270,7 @@ async def _table_create(settings: CoreSettings) -> int:
     return EXIT_OK
 
 
-async def _events(arguments: argparse.Namespace, settings: Settings) -> int:
+async def _events(arguments: argparse.Namespace, settings: CoreSettings) -> int:
     from eventsync.admin import build_item, list_events, validate_item
     from eventsync.events import MAX_DATA_DEPTH
     from eventsync.store import EventStore

@@ -8,7 +8,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from eventsync.cache import PublishedCache
-from eventsync.config import Settings
+from eventsync.config import (
+    AWS_IOT_MAX_PAYLOAD_BYTES,
+    CoreSettings,
+    MqttSettings,
+    Settings,
+)
 from eventsync.errors import InvalidItemError, NotConnectedError
 from eventsync.events import Event, ItemParser, ItemRules
 from eventsync.logs import get_logger
@@ -22,6 +27,7 @@ from eventsync.payloads import (
 from eventsync.publisher import CONNECTION_LOST, MqttConnection, OutgoingMessage
 from eventsync.quarantine import TopicQuarantine
 from eventsync.store import EventStore
+from eventsync.topics import TopicTemplate
 
 log = get_logger("eventsync.sync")
 
@@ -59,11 +65,25 @@ class SyncReport:
         return self.failed == 0 and self.quarantined == 0
 
 
-def item_rules(settings: Settings) -> ItemRules:
+def item_rules(settings: Settings | CoreSettings) -> ItemRules:
+    """Return the item rules of `settings`.
+
+    Without an `[mqtt]` section, which the operator commands allow, targets
+    are checked against the default topic template and payload limit.
+    """
+    mqtt = settings.mqtt
+    if mqtt is None:
+        template = TopicTemplate.parse(
+            MqttSettings.model_fields["topic_template"].default
+        )
+        max_payload_bytes = AWS_IOT_MAX_PAYLOAD_BYTES
+    else:
+        template = mqtt.template
+        max_payload_bytes = mqtt.max_payload_bytes
     return ItemRules(
         timezone=settings.sync.zone,
-        topic_template=settings.mqtt.template,
-        max_payload_bytes=settings.mqtt.max_payload_bytes,
+        topic_template=template,
+        max_payload_bytes=max_payload_bytes,
     )
 
 

@@ -376,8 +376,33 @@ def test_health_without_mqtt_section(table_only_config: Path, tmp_path: Path) ->
     assert result.stdout.startswith("healthy")
 
 
-def test_events_put_without_mqtt_section_names_keys(table_only_config: Path) -> None:
-    result = run_cli(*put_event_arguments(table_only_config))
+def test_events_put_list_without_mqtt_section(table_only_config: Path) -> None:
+    created = run_cli("table", "create", "--config", str(table_only_config))
+
+    put = run_cli(*put_event_arguments(table_only_config))
+    listed = run_cli("events", "list", "--config", str(table_only_config))
+
+    assert created.returncode == 0, created.stderr
+    assert put.returncode == 0, put.stderr
+    assert listed.returncode == 0, listed.stderr
+    assert '"event_id": "e1"' in listed.stdout
+
+
+def test_events_put_without_mqtt_checks_default_template(
+    table_only_config: Path,
+) -> None:
+    # events/ and eight levels make 8 slashes, one past AWS IoT Core's limit of 7.
+    arguments = put_event_arguments(table_only_config)
+    arguments[arguments.index("lobby")] = "a/b/c/d/e/f/g/h"
+
+    result = run_cli(*arguments)
+
+    assert result.returncode == EXIT_CONFIG
+    assert "topic 'events/a/b/c/d/e/f/g/h' has 8 '/'" in result.stderr
+
+
+def test_sync_without_mqtt_section_names_keys(table_only_config: Path) -> None:
+    result = run_cli("sync", "--config", str(table_only_config))
 
     assert_one_line_config_error(result, "mqtt.host")
     assert "EVENTSYNC_MQTT__HOST" in result.stderr
