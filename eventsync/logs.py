@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -121,6 +122,30 @@ def _lead_with_event(
     return ordered
 
 
+class _PipeSafeStream:
+    """A text stream whose write and flush drop the text instead of raising OSError.
+
+    A log line that cannot be written, for example because whoever read stdout
+    closed the pipe, must not fail the sync or the signal handler that wrote it.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError:
+            return 0
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError):
+            self._stream.flush()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+
 def configure_logging(
     level: str = "info", log_format: str = "json", stream: TextIO | None = None
 ) -> None:
@@ -128,7 +153,7 @@ def configure_logging(
 
     The stream defaults to stdout.
     """
-    output = sys.stdout if stream is None else stream
+    output: Any = _PipeSafeStream(sys.stdout if stream is None else stream)
     numeric_level = logging.getLevelName(level.upper())
     renderer: Processor
     if log_format == "console":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -110,11 +111,13 @@ class Daemon:
         self._signals_received += 1
         name = signal.Signals(signum).name
         if self._signals_received == 1:
-            log.info("shutdown_started", signal=name)
+            # Stop first, so that a failing log write cannot keep the daemon running.
             self._stop.set()
+            log.info("shutdown_started", signal=name)
             return
         log.warning("shutdown_forced", signal=name)
-        sys.stdout.flush()
+        with contextlib.suppress(OSError):
+            sys.stdout.flush()
         # A second signal means the operator will not wait: exit without cleanup,
         # with the status a shell reports for a process killed by that signal.
         os._exit(128 + signum)
