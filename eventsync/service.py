@@ -55,6 +55,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._signals_received = 0
         self._syncer: Syncer | None = None
+        self._connection: MqttConnection | None = None
         self._sync_task: asyncio.Task[None] | None = None
         self._sync_started_at = 0.0
         self._background: set[asyncio.Task[None]] = set()
@@ -84,6 +85,7 @@ class Daemon:
                     MqttConnection(settings.mqtt)
                 )
                 self._syncer = Syncer(settings, store, connection)
+                self._connection = connection
                 connection.on_connected = self._on_connected
                 scheduler = SyncScheduler(
                     build_trigger(
@@ -155,7 +157,11 @@ class Daemon:
             return
         log.debug("runtime_stats", **runtime_stats())
         heartbeat = self._settings.health.heartbeat_file
-        if heartbeat is not None:
+        # A sync with nothing to publish completes without the broker, so a
+        # broker that stays unreachable (an expired client certificate, say)
+        # must stop the heartbeat for the health check to notice.
+        connected = self._connection is not None and self._connection.is_connected
+        if heartbeat is not None and connected:
             try:
                 touch_heartbeat(heartbeat)
             except OSError as exc:

@@ -203,3 +203,32 @@ async def test_daemon_publishes_after_broker_restart(
     ids = [event["id"] for event in json.loads(retained["events/lobby"])["events"]]
     assert ids == ["a", "new"]
     assert "mqtt_reconnecting" in daemon.events()
+
+
+def test_daemon_heartbeat_stops_without_broker(
+    seeded_table: str,
+    daemon_config: Callable[..., Path],
+    start_daemon: Callable[[Path], DaemonProcess],
+    broker: MosquittoBroker,
+    tmp_path: Path,
+) -> None:
+    heartbeat = tmp_path / "heartbeat"
+    daemon = start_daemon(daemon_config())
+    daemon.wait_for("sync_completed")
+
+    broker.stop()
+    daemon.wait_for("mqtt_disconnected")
+    # Syncs with nothing to publish go on completing without the broker.
+    completed = daemon.events().count("sync_completed")
+    daemon.wait_for("sync_completed", count=completed + 1)
+    stale_mtime = heartbeat.stat().st_mtime
+    daemon.wait_for("sync_completed", count=completed + 3)
+    mtime_while_down = heartbeat.stat().st_mtime
+
+    broker.start()
+    daemon.wait_for("mqtt_connected", count=2)
+    completed = daemon.events().count("sync_completed")
+    daemon.wait_for("sync_completed", count=completed + 2)
+
+    assert mtime_while_down == stale_mtime
+    assert heartbeat.stat().st_mtime > stale_mtime
