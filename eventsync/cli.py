@@ -17,6 +17,7 @@ from eventsync.config import (
     Settings,
     load_core_settings,
     load_settings,
+    unknown_environment_variables,
 )
 from eventsync.errors import (
     ConfigError,
@@ -207,6 +208,13 @@ def _configure_logging(arguments: argparse.Namespace, settings: CoreSettings) ->
         settings.log.format,
         stream=sys.stderr if prints_data else sys.stdout,
     )
+    for variable in unknown_environment_variables():
+        log.warning(
+            "unknown_environment_variable",
+            variable=variable,
+            warning="it names no setting and is ignored; settings are "
+            "EVENTSYNC_<SECTION>__<KEY>, with two underscores",
+        )
 
 
 def _check_tls_setup(settings: Settings) -> None:

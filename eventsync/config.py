@@ -9,6 +9,7 @@ import os
 import re
 import tomllib
 import types
+from collections.abc import Mapping
 from contextvars import ContextVar
 from datetime import date
 from pathlib import Path
@@ -657,3 +658,29 @@ def _resolve_paths(settings: _SettingsT, base: Path) -> _SettingsT:
             update={"heartbeat_file": resolved(health.heartbeat_file)}
         )
     return settings.model_copy(update={"mqtt": mqtt, "health": health})
+
+
+def unknown_environment_variables(
+    environ: Mapping[str, str] | None = None,
+) -> list[str]:
+    """Return the EVENTSYNC_ variables that name no section or setting.
+
+    pydantic-settings ignores a variable whose section is misspelt, such as
+    `EVENTSYNC_DYNAMODB_ENDPOINT_URL` with one underscore, and the default
+    then applies silently, which for an endpoint means real AWS.
+    """
+    environment = os.environ if environ is None else environ
+    known: dict[str, set[str]] = {
+        name.upper(): {
+            key.upper() for key in getattr(field.annotation, "model_fields", {})
+        }
+        for name, field in Settings.model_fields.items()
+    }
+    unknown = []
+    for variable in environment:
+        if not variable.startswith(ENV_PREFIX) or variable == CONFIG_ENV_VAR:
+            continue
+        section, separator, key = variable[len(ENV_PREFIX) :].partition("__")
+        if section not in known or (separator and key not in known[section]):
+            unknown.append(variable)
+    return sorted(unknown)

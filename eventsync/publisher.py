@@ -268,7 +268,11 @@ class MqttConnection:
         if end.connected_seconds >= SHORT_CONNECTION_SECONDS:
             return 0
         short_drops += 1
-        if short_drops >= CLIENT_ID_CONFLICT_DROPS:
+        # Logged at the third drop and then at every tenth: the drop count
+        # changes each time, so the log's repeat filter would let every one through.
+        if short_drops == CLIENT_ID_CONFLICT_DROPS or (
+            short_drops > CLIENT_ID_CONFLICT_DROPS and short_drops % 10 == 0
+        ):
             log.error(
                 "mqtt_client_id_conflict",
                 client_id=self._settings.client_id,

@@ -21,6 +21,7 @@ from eventsync.config import (
     load_core_settings,
     load_settings,
     parse_duration,
+    unknown_environment_variables,
 )
 from eventsync.errors import ConfigError
 from eventsync.schedule import first_fire_day, parse_crontab
@@ -785,3 +786,23 @@ def test_cli_config_error_one_line(
     assert captured.err.startswith(f"eventsync: invalid setting {setting}: ")
     assert "Traceback" not in captured.err
     assert captured.out == ""
+
+
+def test_unknown_environment_variables_found() -> None:
+    environment = {
+        "EVENTSYNC_CONFIG": "config.toml",
+        "EVENTSYNC_MQTT__HOST": "broker",
+        "EVENTSYNC_SYNC": "{}",
+        "EVENTSYNC_DYNAMODB_ENDPOINT_URL": "http://127.0.0.1:9",
+        "EVENTSYNC_SYNCS__INTERVAL_SECONDS": "5",
+        "EVENTSYNC_MQTT__HOTS": "broker",
+        "PATH": "/usr/bin",
+    }
+
+    unknown = unknown_environment_variables(environment)
+
+    assert unknown == [
+        "EVENTSYNC_DYNAMODB_ENDPOINT_URL",
+        "EVENTSYNC_MQTT__HOTS",
+        "EVENTSYNC_SYNCS__INTERVAL_SECONDS",
+    ]

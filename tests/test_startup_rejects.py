@@ -6,6 +6,7 @@ server, and no case may print a traceback.
 
 from __future__ import annotations
 
+import json
 import ssl
 import subprocess
 import sys
@@ -407,3 +408,29 @@ def test_sync_without_mqtt_section_names_keys(table_only_config: Path) -> None:
     assert_one_line_config_error(result, "mqtt.host")
     assert "EVENTSYNC_MQTT__HOST" in result.stderr
     assert "mqtt.key_file" in result.stderr
+
+
+def test_misspelt_environment_variable_warns(
+    table_only_config: Path, tmp_path: Path
+) -> None:
+    beat = tmp_path / "beat"
+    beat.touch()
+
+    result = run_cli(
+        "health",
+        "--config",
+        str(table_only_config),
+        env={
+            "EVENTSYNC_HEALTH__HEARTBEAT_FILE": str(beat),
+            "EVENTSYNC_DYNAMODB_ENDPOINT_URL": "http://127.0.0.1:9",
+        },
+    )
+
+    warnings = [
+        json.loads(line)
+        for line in result.stdout.splitlines()
+        if "unknown_environment_variable" in line
+    ]
+    assert result.returncode == 0, result.stderr
+    assert len(warnings) == 1
+    assert warnings[0]["variable"] == "EVENTSYNC_DYNAMODB_ENDPOINT_URL"
