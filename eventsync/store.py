@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack
 from types import TracebackType
@@ -32,6 +33,32 @@ def describe_error(error: Exception) -> str:
         message = details.get("Message", "")
         return f"{code}: {message}" if message else str(code)
     return f"{type(error).__name__}: {error}"
+
+
+def take_scan_items(
+    response_dict: dict[str, Any],
+    customized_response_dict: dict[str, Any],
+    **_: Any,
+) -> None:
+    """Move the Items of a Scan response past botocore's parser, as decoded JSON.
+
+    A `before-parse.dynamodb.Scan` handler. botocore walks every attribute of
+    every item against the output shape, which took about two thirds of a
+    sync's CPU time at 100,000 items, and gives back the same typed maps,
+    except that Binary values come base64-decoded. eventsync rejects Binary
+    attributes whatever their value, so it takes the Items as they were sent
+    and lets botocore parse the rest of the body: the paging key and counts.
+    """
+    if response_dict.get("status_code") != 200:
+        return
+    try:
+        body = json.loads(response_dict["body"])
+    except (KeyError, TypeError, ValueError):
+        return
+    if not isinstance(body, dict) or not isinstance(body.get("Items"), list):
+        return
+    customized_response_dict["Items"] = body.pop("Items")
+    response_dict["body"] = json.dumps(body).encode()
 
 
 class EventStore:
@@ -90,6 +117,7 @@ class EventStore:
                 f"cannot create the DynamoDB client: {describe_error(exc)}; "
                 "check the [dynamodb] settings and the AWS environment variables"
             ) from None
+        self._client.meta.events.register("before-parse.dynamodb.Scan", take_scan_items)
         return self
 
     async def __aexit__(
