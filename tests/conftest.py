@@ -141,6 +141,43 @@ def daemon_config(
 
 
 @pytest.fixture
+def config_factory(
+    tmp_path: Path,
+    broker: MosquittoBroker,
+    pki: Pki,
+    moto_server: MotoServer,
+    table_name: str,
+) -> Callable[..., Path]:
+    """Write a configuration for the test broker and table; sections override.
+
+    It has no schedule or heartbeat, unlike `daemon_config`, so each setting
+    under test keeps its default unless a test sets it.
+    """
+
+    def create(**overrides: dict[str, Any]) -> Path:
+        sections: dict[str, dict[str, Any]] = {
+            "dynamodb": {
+                "table": table_name,
+                "region": "us-east-1",
+                "endpoint_url": moto_server.endpoint_url,
+            },
+            "mqtt": {
+                "host": broker.host,
+                "port": broker.port,
+                "client_id": unique_client_id("cli"),
+                "ca_file": pki.ca_cert,
+                "cert_file": pki.client_cert,
+                "key_file": pki.client_key_pkcs1,
+            },
+        }
+        for section, values in overrides.items():
+            sections.setdefault(section, {}).update(values)
+        return write_config(tmp_path / "config.toml", sections)
+
+    return create
+
+
+@pytest.fixture
 def start_daemon(tmp_path: Path) -> Iterator[Callable[[Path], DaemonProcess]]:
     """Start `eventsync run` processes; each is stopped at teardown."""
     daemons: list[DaemonProcess] = []

@@ -15,44 +15,12 @@ from typing import Any
 import pytest
 
 from tests.support.broker import MosquittoBroker
-from tests.support.daemon import run_cli, write_config
+from tests.support.daemon import run_cli
 from tests.support.dynamo import MotoServer, put_raw_items, scan_raw_items
 from tests.support.factories import event_item
-from tests.support.mqtt import unique_client_id
 from tests.support.pki import Pki
 
 HOUR = 3600
-
-
-@pytest.fixture
-def config_factory(
-    tmp_path: Path,
-    broker: MosquittoBroker,
-    pki: Pki,
-    moto_server: MotoServer,
-    table_name: str,
-) -> Callable[..., Path]:
-    def create(**overrides: dict[str, Any]) -> Path:
-        sections: dict[str, dict[str, Any]] = {
-            "dynamodb": {
-                "table": table_name,
-                "region": "us-east-1",
-                "endpoint_url": moto_server.endpoint_url,
-            },
-            "mqtt": {
-                "host": broker.host,
-                "port": broker.port,
-                "client_id": unique_client_id("cli"),
-                "ca_file": pki.ca_cert,
-                "cert_file": pki.client_cert,
-                "key_file": pki.client_key_pkcs1,
-            },
-        }
-        for section, values in overrides.items():
-            sections.setdefault(section, {}).update(values)
-        return write_config(tmp_path / "config.toml", sections)
-
-    return create
 
 
 def stderr_line(result: subprocess.CompletedProcess[str]) -> str:

@@ -19,10 +19,8 @@ from cryptography.hazmat.primitives import serialization
 
 from eventsync.config import MqttSettings
 from eventsync.tls import build_ssl_context
-from tests.support.broker import MosquittoBroker
 from tests.support.daemon import run_cli, write_config
 from tests.support.dynamo import MotoServer
-from tests.support.mqtt import unique_client_id
 from tests.support.pki import Pki
 
 EXIT_FAILED = 1
@@ -31,37 +29,6 @@ EXIT_CONFIG = 2
 # not exit would run for ever, so the test stops it after this long, with a
 # margin for a loaded machine.
 RUN_EXIT_TIMEOUT_SECONDS = 15
-
-
-@pytest.fixture
-def config_factory(
-    tmp_path: Path,
-    broker: MosquittoBroker,
-    pki: Pki,
-    moto_server: MotoServer,
-    table_name: str,
-) -> Callable[..., Path]:
-    def create(**overrides: dict[str, Any]) -> Path:
-        sections: dict[str, dict[str, Any]] = {
-            "dynamodb": {
-                "table": table_name,
-                "region": "us-east-1",
-                "endpoint_url": moto_server.endpoint_url,
-            },
-            "mqtt": {
-                "host": broker.host,
-                "port": broker.port,
-                "client_id": unique_client_id("reject"),
-                "ca_file": pki.ca_cert,
-                "cert_file": pki.client_cert,
-                "key_file": pki.client_key_pkcs1,
-            },
-        }
-        for section, values in overrides.items():
-            sections.setdefault(section, {}).update(values)
-        return write_config(tmp_path / "config.toml", sections)
-
-    return create
 
 
 @pytest.fixture
