@@ -17,7 +17,7 @@ _STATUS = Path("/proc/self/status")
 
 @dataclass
 class Sample:
-    """What one measured phase cost the current process."""
+    """The cost of one measured phase to the current process."""
 
     wall_seconds: float
     cpu_seconds: float

@@ -1,4 +1,4 @@
-"""What the broker holds: the digest of the last acknowledged payload per topic."""
+"""The published cache: the digest of the last payload the broker acknowledged, per topic."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ def payload_head(target: str) -> bytes:
     return b'{"version":1,"target":' + encode_json(target) + b',"events":['
 
 
-# The longest end a payload can have: a `next_change_at` timestamp and the
+# The largest tail a payload can have: a `next_change_at` timestamp and the
 # `truncated` flag. Size checks count it so that no payload exceeds its limit.
 PAYLOAD_TAIL_MAX = b'],"next_change_at":"0000-00-00T00:00:00Z","truncated":true}'
 

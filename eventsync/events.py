@@ -74,7 +74,7 @@ TargetCheck = tuple[str | None, int]
 
 @dataclass(frozen=True, slots=True)
 class ItemRules:
-    """What an item is checked against besides its own fields."""
+    """The settings an item is checked against besides its own fields."""
 
     timezone: tzinfo
     topic_template: TopicTemplate

@@ -25,8 +25,8 @@ def touch_heartbeat(path: Path) -> None:
 def default_max_age_seconds(sync: SyncSettings) -> float:
     """Return how old the heartbeat may get before the service counts as unhealthy.
 
-    Two sync periods plus slack; for a cron schedule, the longest gap between
-    the next ten firings stands in for the period.
+    Two sync periods plus slack. For a cron schedule, the longest gap between
+    the next ten firings is used as the period.
     """
     period = sync.period_seconds
     if period is None:

@@ -125,7 +125,7 @@ def _lead_with_event(
 class _PipeSafeStream:
     """A text stream whose write and flush drop the text instead of raising OSError.
 
-    A log line that cannot be written, for example because whoever read stdout
+    A log line that cannot be written, for example because the reader of stdout
     closed the pipe, must not fail the sync or the signal handler that wrote it.
     """
 

@@ -25,7 +25,7 @@ log = get_logger("eventsync.mqtt")
 # again from its minimum after it drops.
 STABLE_CONNECTION_SECONDS = 60.0
 # A connection that drops this soon after it opened, with nothing in flight,
-# counts as short-lived; several in a row point at another client with our id.
+# counts as short-lived. Several in a row point at another client with our id.
 SHORT_CONNECTION_SECONDS = 30.0
 CLIENT_ID_CONFLICT_DROPS = 3
 # paho keeps every publish that never got a PUBACK until the connection closes,
@@ -50,7 +50,7 @@ class RatePacer:
     """Spaces publishes at most `rate_per_second` apart; 0 turns pacing off.
 
     AWS IoT Core drops publishes over 100 per second per connection without a
-    PUBACK, so the pace holds across syncs, not only within one.
+    PUBACK, so the pace applies across syncs, not only within one.
     """
 
     def __init__(self, rate_per_second: float) -> None:
@@ -115,7 +115,7 @@ class MqttConnection:
         self._supervisor: asyncio.Task[None] | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
         self._pacer = RatePacer(settings.max_publish_rate)
-        # Connections opened so far; a change tells a caller that it reconnected.
+        # Connections opened so far. A caller that sees it change knows a reconnect happened.
         self.connection_count = 0
         # Called after each successful connect, for example to retry dirty topics.
         self.on_connected: Callable[[], None] | None = None
@@ -297,9 +297,9 @@ class MqttConnection:
                 keepalive=settings.keepalive,
                 timeout=settings.connect_timeout_seconds,
                 clean_session=True,
-                # paho's own window would hold on to publishes that the broker
-                # never acknowledges (AWS IoT Core drops those over its rate
-                # limit), blocking later ones; the window here is publish_many's.
+                # paho's own window would keep publishes that the broker never
+                # acknowledges (AWS IoT Core drops those over its rate limit)
+                # and block later ones, so publish_many keeps the window instead.
                 max_inflight_messages=0,
                 logger=self._library_logger,
             )

@@ -3,8 +3,8 @@
 AWS IoT Core disconnects a client that publishes to a topic its policy denies,
 with no PUBACK and no reason. Publishing such a topic at every sync would drop
 the connection at every sync and fail whatever else was in flight. A topic in
-flight when the connection drops becomes a suspect; suspects are published
-last, one at a time, and a suspect that drops the connection while it is the
+flight when the connection drops becomes a suspect. Suspects are published
+last, one at a time. A suspect that drops the connection while it is the
 only publish in flight is held back for a while that doubles on each repeat.
 """
 

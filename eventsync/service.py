@@ -61,7 +61,7 @@ class Daemon:
         self._background: set[asyncio.Task[None]] = set()
 
     async def run(self) -> int:
-        """Run until a signal asks to stop; return the exit status."""
+        """Run until a signal requests a stop, and return the exit status."""
         settings = self._settings
         log.info(
             "startup",
